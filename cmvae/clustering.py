@@ -1,0 +1,59 @@
+"""Cluster assignment with the VaDE trick: argmax_c p(c | z_m) per modality, majority vote over modalities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cmvae.distributions import rsample
+from cmvae.model import CMVAE
+
+
+@dataclass
+class SplitLatents:
+    """Per-modality posterior draws of z over a split and their cluster posteriors."""
+
+    z: torch.Tensor         # [M, N, Dz]
+    log_pz: torch.Tensor    # [M, N]
+    resp: torch.Tensor      # [M, N, K]
+    entropy: torch.Tensor   # [M, N] in nats
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float input passes through."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+@torch.no_grad()
+def encode_split(
+    model: CMVAE, images: torch.Tensor, *, batch_size: int = 512, sample: bool = True,
+    generator: torch.Generator | None = None, device: torch.device | str | None = None,
+) -> SplitLatents:
+    """One encoder pass over images [M, N, C, H, W] (uint8 or float), one z per datapoint and modality.
+
+    sample=True draws z ~ q_m(z|x_m) (the reference's choice); False uses the posterior location.
+    """
+    device = device or next(model.parameters()).device
+    zs = []
+    for start in range(0, images.shape[1], batch_size):
+        x = to_float(images[:, start:start + batch_size].to(device, non_blocking=True))
+        post = model.encode(x)
+        z = rsample(post.z_loc, post.z_scale, model.config.family, generator=generator) if sample else post.z_loc
+        zs.append(z)
+    z = torch.cat(zs, dim=1)
+    log_pz, resp, ent = model.cluster_posterior(z)
+    return SplitLatents(z, log_pz, resp, ent)
+
+
+def majority_vote(per_modality: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """[M, N] cluster ids -> [N] most frequent id per column, ties to the lowest id (as torch.mode)."""
+    counts = torch.zeros(per_modality.shape[1], n_clusters, dtype=torch.long, device=per_modality.device)
+    counts.scatter_add_(1, per_modality.t(), torch.ones_like(per_modality.t()))
+    return counts.argmax(dim=1)  # argmax returns the first maximum: the lowest id
+
+
+def assign_clusters(resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responsibilities [M, N, K] -> (per-modality argmax [M, N], majority vote [N])."""
+    per_mod = resp.argmax(dim=-1)
+    return per_mod, majority_vote(per_mod, resp.shape[-1])

@@ -1,0 +1,1 @@
+"""cmvae-engine: the training loop, data pipelines, checkpoints and the command line."""

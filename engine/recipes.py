@@ -1,0 +1,59 @@
+"""Training recipes: hooks the loop calls at fixed points. The base class is the `paper` recipe, which
+changes nothing (the reference procedure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from cmvae.model import CMVAE
+
+
+@dataclass
+class StepContext:
+    """What a recipe may look at after an optimiser step."""
+
+    step: int
+    epoch: int
+    model: CMVAE
+    optimizer: torch.optim.Optimizer
+    train_images: torch.Tensor
+    """uint8 [M, N, C, H, W], resident on the training device."""
+    device: torch.device
+    console: Console
+
+
+class Recipe:
+    name = "paper"
+
+    def param_groups(self, model: CMVAE, lr: float) -> list[dict]:
+        """Optimiser parameter groups (the paper: one group, one learning rate)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def beta(self, step: int, base: float) -> float:
+        """beta at a step (the paper: constant)."""
+        return base
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after every optimiser step; must not sync the host except on rare events."""
+
+    def active_elements(self) -> list[str]:
+        """Names of the elements that change the reference procedure (the paper: none)."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+RECIPES = {"paper": Recipe}
+
+
+def build_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name]()

@@ -1,0 +1,36 @@
+"""Reading back a run folder: its config, its model and its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cmvae.model import CMVAE
+from engine.checkpoint import load_checkpoint
+from engine.config import TrainConfig
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: TrainConfig
+    model: CMVAE
+    state: dict
+    """Loop state saved with the checkpoint (epoch, step, last metrics)."""
+
+
+def load_run(
+    run_dir: str | Path, *, checkpoint: str = "checkpoint.pt", device: str | torch.device = "cpu"
+) -> LoadedRun:
+    """Rebuild the trained model of a run folder (strict state-dict load, weights_only)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}; pass the --out folder of `cmvae-engine train`")
+    payload = load_checkpoint(run_dir / checkpoint, map_location=device)
+    cfg = TrainConfig.from_dict(payload["config"])
+    model = CMVAE(cfg.model)
+    model.load_state_dict(payload["model"], strict=True)
+    model.to(device).eval()
+    return LoadedRun(run_dir, cfg, model, payload["state"])

@@ -110,9 +110,23 @@ class CMVAE(nn.Module):
         out = self.decoders[n](torch.cat([w, z], dim=-1).flatten(0, -2))
         return out.view(*z.shape[:-1], *out.shape[1:])
 
-    def decode_all(self, lat: Latents) -> list[torch.Tensor]:
-        """Self and cross reconstructions: entry n is modality n decoded from every source [M, S, B, C, H, W]."""
-        return [self.decode_target(n, lat.z, lat.w[n], lat.w_aux[:, n]) for n in range(self.config.n_modalities)]
+    # M*M decoder calls per step (as the reference) instead of M batched ones; set by the engine's baseline.
+    decode_per_pair: bool = False
+
+    def decode_all(self, lat: Latents, per_pair: bool | None = None) -> list[torch.Tensor]:
+        """Self and cross reconstructions: entry n is modality n decoded from every source [M, S, B, C, H, W].
+
+        per_pair (default: the `decode_per_pair` attribute) makes one decoder call per (source, target) pair,
+        the reference's way; the default batches all sources of a target into one call. Same values.
+        """
+        per_pair = self.decode_per_pair if per_pair is None else per_pair
+        n_mod = self.config.n_modalities
+        if not per_pair:
+            return [self.decode_target(n, lat.z, lat.w[n], lat.w_aux[:, n]) for n in range(n_mod)]
+        return [
+            torch.stack([self.decode_pair(n, lat.z[m], lat.w[n] if m == n else lat.w_aux[m, n]) for m in range(n_mod)])
+            for n in range(n_mod)
+        ]
 
     def decode_pair(self, n: int, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Decode modality n from z [..., Dz] and w [..., Dw] -> [..., C, H, W]."""

@@ -1,11 +1,13 @@
-"""The training loop: a short step (data, forward, loss, backward, optimiser) with logging, evaluation,
-checkpoints and images hanging off the outer loop. The loss is read on the host only at log intervals."""
+"""The training loop. The step itself (engine/step.py) is data -> forward -> backward -> optimiser; logging,
+evaluation, checkpoints (engine/resume.py), graceful stops (engine/signals.py) and images hang off this outer
+loop. The loss is read on the host only at log intervals and before checkpoints."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,40 +16,54 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import kernels
 from cmvae.clustering import assign_clusters, encode_split, to_float
 from cmvae.data import read_dataset, resolve_dataset
 from cmvae.metrics import clustering_scores
 from cmvae.model import CMVAE
 from cmvae.objectives import loss_fn
-from engine.checkpoint import atomic_write_json, save_checkpoint
+from engine import distributed, resume
+from engine.checkpoint import atomic_write_json
 from engine.config import TrainConfig
+from engine.distributed import DistInfo
 from engine.images import save_grid
-from engine.loaders import ResidentLoader, stack_modalities
-from engine.recipes import StepContext, build_recipe
+from engine.loaders import Loader, make_loader, stack_modalities
+from engine.recipes import Recipe, StepContext, build_recipe
+from engine.signals import StopFlag
+from engine.step import LossModule, StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # one device per data-parallel process
     return dev
 
 
 @dataclass
 class SplitData:
-    images: torch.Tensor          # uint8 [M, N, C, H, W]
+    images: torch.Tensor | None   # uint8 [M, N, C, H, W]; None for a streamed training split
     labels: np.ndarray | None
 
 
-def load_splits(cfg: TrainConfig) -> tuple[dict[str, SplitData], dict]:
-    root = resolve_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
-    ds = read_dataset(root)
-    splits = {name: SplitData(stack_modalities(s.modalities), s.labels) for name, s in ds.splits.items()}
-    info = {"root": str(root), "name": ds.name, "modalities": ds.modality_names,
-            "n": {k: v.images.shape[1] for k, v in splits.items()}}
-    return splits, info
+def load_splits(cfg: TrainConfig, info: DistInfo = DistInfo(), stack_train: bool = True
+                ) -> tuple[dict[str, SplitData], dict]:
+    """Read the data set (rank 0 resolves or synthesises it first; the others wait and then read it)."""
+    if info.is_main:
+        root = resolve_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
+    distributed.barrier()
+    if not info.is_main:
+        root = resolve_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
+    ds = read_dataset(root, mmap=not stack_train)
+    splits = {name: SplitData(stack_modalities(s.modalities) if stack_train or name != "train" else None, s.labels)
+              for name, s in ds.splits.items()}
+    meta = {"root": str(root), "name": ds.name, "modalities": ds.modality_names,
+            "n": {k: s.n for k, s in ds.splits.items()}}
+    return splits, meta
 
 
 @torch.no_grad()
@@ -90,90 +106,277 @@ def save_images(model: CMVAE, split: SplitData, out: Path, device: torch.device,
     model.train()
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> dict:
-    """Train a model as configured; returns the last metrics row. Outputs go to cfg.out."""
-    console = console or Console()
-    device = resolve_device(cfg.device)
+def data_stream(loader: Loader, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+    """loader.epoch(...) with the host RNG untouched: a DataLoader draws its base seed from torch's global
+    generator when an epoch starts, which would shift the sampling noise (CPU training) and make a resumed run
+    differ from an uninterrupted one."""
+    it = loader.epoch(epoch, start_batch)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            xb = next(it, None)
+        if xb is None:
+            return
+        yield xb
+
+
+@dataclass
+class Engine:
+    """Everything the loop, the profiler and the benchmark drive: model, optimiser, step, loader, data."""
+
+    cfg: TrainConfig
+    device: torch.device
+    info: DistInfo
+    model: CMVAE
+    """The plain model (no compile/DDP wrapper): what checkpoints store and evaluation uses."""
+    optimizer: torch.optim.Optimizer
+    recipe: Recipe
+    step: TrainStep
+    loader: Loader
+    opts: StepOptions
+    splits: dict[str, SplitData]
+    data_info: dict
+    notes: list[str]
+    """Things the user must be told on screen (dropped batches, fallbacks)."""
+
+    @property
+    def train_images(self) -> torch.Tensor | None:
+        """uint8 training split on the device, for recipes (None for streaming loaders)."""
+        return getattr(self.loader, "images", None)
+
+
+def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.device | None = None,
+                 annotate: bool = False) -> Engine:
+    """Data, model, optimiser, compiled/AMP step and loader as configured (`annotate`: profiler ranges)."""
+    device = device or resolve_device(cfg.device, info.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    splits, data_info = load_splits(cfg)
-    m = splits["train"].images.shape[0]
+    kernels.set_backend(cfg.kernels)
+    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
+    resident = cfg.data.loader == "resident"
+    splits, data_info = load_splits(cfg, info, stack_train=resident)
+    m = len(data_info["modalities"])
     if cfg.model.n_modalities != m:
         cfg.model.n_modalities = m  # the data decides M
     model = CMVAE(cfg.model).to(device)
-    recipe = build_recipe(cfg.recipe)
-    opt = torch.optim.Adam(recipe.param_groups(model, cfg.optim.lr), lr=cfg.optim.lr, amsgrad=cfg.optim.amsgrad)
-    loader = ResidentLoader(splits["train"].images, cfg.optim.batch_size, seed=cfg.seed,
-                            drop_last=cfg.data.drop_last, device=device)
-    test = splits["test"]
-    atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "data": data_info})
+    if info.enabled:
+        torch.manual_seed(cfg.seed + 7919 * info.rank)  # independent sampling noise per rank
+    opts = resolve_options(cfg.step, device)
+    prepare_model(model, opts, device, annotate=annotate and not opts.compile)  # no ranges inside a graph
+    recipe = build_recipe(cfg.recipe, cfg.fast)
+    optimizer = build_optimizer(recipe.param_groups(model, cfg.optim.lr), cfg.optim.lr, cfg.optim.amsgrad, opts)
+    # The loss is a sum over the batch; DDP averages gradients: scale by the world size to get the global sum.
+    module = distributed.wrap(LossModule(model, cfg.objective, cfg.n_samples, float(info.world_size)), info, device)
+    hooks = cfg.objective == "dreg" and cfg.n_samples > 1  # DReG's gradient hooks break the graph
+    step = TrainStep(module, optimizer, opts, device, fullgraph=not (info.enabled or hooks), annotate=annotate)
 
-    width_note = f"width {cfg.model.width:g}" + (" (REDUCED networks)" if cfg.model.reduced else " (reference)")
-    console.print(f"[bold]cmvae-engine train[/] {data_info['name']} ({loader.n} train tuples, M={m}) on "
-                  f"{device}, {width_note}, K={cfg.model.n_clusters}, {cfg.objective} S={cfg.n_samples}, "
-                  f"beta={cfg.beta} -> {out}")
+    notes = []
+    drop_last = cfg.data.drop_last or opts.compile
+    n_train = data_info["n"]["train"]
+    rest = n_train % cfg.optim.batch_size
+    if opts.compile and not cfg.data.drop_last and rest:
+        notes.append(f"--compile: static shapes, so the last partial batch ({rest} of {n_train} tuples) is dropped "
+                     "every epoch (the reference keeps it)")
+    loader = make_loader(cfg.data.loader, dataset_root=Path(data_info["root"]), split="train",
+                         images=splits["train"].images, batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                         drop_last=drop_last, device=device, rank=info.rank, world_size=info.world_size,
+                         workers=cfg.data.workers, shard_dir=Path(cfg.data.shard_dir) if cfg.data.shard_dir else None,
+                         shuffle_buffer=cfg.data.shuffle_buffer)
+    return Engine(cfg, device, info, model, optimizer, recipe, step, loader, opts, splits, data_info, notes)
 
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    total_steps = cfg.optim.epochs * len(loader)
-    if cfg.optim.max_steps is not None:
-        total_steps = min(total_steps, cfg.optim.max_steps)
-    step, t_start, last = 0, time.perf_counter(), {}
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=console)
-    with progress:
-        task = progress.add_task("train", total=total_steps, stats="")
-        for epoch in range(cfg.optim.epochs):
-            if step >= total_steps:
-                break
-            run_loss, run_n = torch.zeros((), device=device), 0
-            ep_loss, ep_n, t_log, n_log = torch.zeros((), device=device), 0, time.perf_counter(), 0
-            for xb in loader.epoch(epoch):
-                x = to_float(xb)
-                beta = recipe.beta(step, cfg.beta)
-                out_ = loss_fn(model, x, objective=cfg.objective, n_samples=cfg.n_samples, beta=beta)
-                opt.zero_grad(set_to_none=True)
-                out_.loss.backward()
-                opt.step()
-                b = x.shape[1]
-                run_loss += -out_.bound.sum()
-                run_n += b
-                step += 1
-                n_log += b
-                recipe.after_step(StepContext(step, epoch, model, opt, loader.images, device, console))
-                if step % cfg.log_every == 0 or step == total_steps:
-                    loss_val = run_loss.item() / run_n  # sync point
-                    if not math.isfinite(loss_val):
-                        raise FloatingPointError(f"non-finite loss at step {step}; the last checkpoint is kept")
-                    now = time.perf_counter()
-                    rate = n_log / (now - t_log)
-                    progress.update(task, stats=f"epoch {epoch + 1} loss {loss_val:,.1f} {rate:,.0f} samples/s")
-                    ep_loss += run_loss
-                    ep_n += run_n
-                    run_loss, run_n, t_log, n_log = torch.zeros((), device=device), 0, now, 0
-                progress.update(task, advance=1)
-                if step >= total_steps:
-                    break
-            ep_loss += run_loss
-            ep_n += run_n
-            elapsed = time.perf_counter() - t_start
-            row = {"epoch": epoch + 1, "step": step, "train_loss": ep_loss.item() / max(ep_n, 1),
-                   "elapsed_s": elapsed, "samples_per_s": step * cfg.optim.batch_size / elapsed,
-                   "width": cfg.model.width, "reduced": cfg.model.reduced}
-            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step >= total_steps):
-                row.update(evaluate(model, cfg, test, device))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            last = row
-            save_checkpoint(out / "checkpoint.pt", model=model, optimizer=opt, config=cfg.to_dict(),
-                            state={"epoch": epoch + 1, "step": step, "metrics": row})
-            progress.console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in row.items() if k not in ("width", "reduced")))
-    save_images(model, test, out, device, cfg.seed)
-    console.print(f"[green]done[/] in {time.perf_counter() - t_start:.0f}s. Outputs in {out}/: "
-                  "metrics.jsonl, checkpoint.pt, config.json, recon.png, samples.png")
-    return last
+
+def train(cfg: TrainConfig, console: Console | None = None) -> dict:
+    """Train a model as configured; returns the last metrics row. Outputs go to cfg.out.
+
+    cfg.nproc > 1 outside a torchrun launch re-launches this training in that many processes.
+    """
+    info = distributed.env_info()
+    if cfg.nproc > 1 and not info.enabled:
+        return _launch(cfg, console or Console())
+    console = console or Console(quiet=not info.is_main)
+    device = resolve_device(cfg.device, info.local_rank)
+    distributed.init(info, device)
+    try:
+        return _Loop(build_engine(cfg, info, device), console).run()
+    finally:
+        distributed.shutdown()
+
+
+def _launch(cfg: TrainConfig, console: Console) -> dict:
+    console.print(f"launching {cfg.nproc} processes (torch.distributed.run, global batch {cfg.optim.batch_size})")
+    rc = distributed.launch(cfg.to_dict(), cfg.nproc)
+    if rc != 0:
+        raise RuntimeError(f"data-parallel training exited with code {rc} (see the worker output above)")
+    rows = (Path(cfg.out) / resume.METRICS).read_text().splitlines()
+    return json.loads(rows[-1]) if rows else {}
+
+
+_NONE = 2**62  # "no non-finite step" in the min-reduction over ranks
+
+
+class _Loop:
+    """The outer loop around Engine.step: logging, non-finite checks, epochs, evaluation, checkpoints, stops."""
+
+    def __init__(self, eng: Engine, console: Console):
+        self.eng, self.console, self.cfg = eng, console, eng.cfg
+        self.out = Path(self.cfg.out)
+        self.main = eng.info.is_main
+        self.state = resume.LoopState()
+        self.last_ckpt: Path | None = None
+        total = self.cfg.optim.epochs * len(eng.loader)
+        self.total_steps = min(total, self.cfg.optim.max_steps) if self.cfg.optim.max_steps is not None else total
+
+    # ----- set-up --------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        cfg, eng = self.cfg, self.eng
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self._restore()
+        elif self.main:
+            resume.clear(self.out)
+        if self.main:
+            atomic_write_json(self.out / "config.json", {"config": cfg.to_dict(), "data": eng.data_info})
+        width = f"width {cfg.model.width:g}" + (" (REDUCED networks)" if cfg.model.reduced else " (reference)")
+        procs = f" x {eng.info.world_size} processes" if eng.info.enabled else ""
+        recipe = cfg.recipe + (f" ({', '.join(eng.recipe.active_elements())})" if eng.recipe.active_elements() else "")
+        self.console.print(
+            f"[bold]cmvae-engine train[/] {eng.data_info['name']} ({eng.data_info['n']['train']} train tuples, "
+            f"M={cfg.model.n_modalities}) on {eng.device}{procs}, {width}, K={cfg.model.n_clusters}, "
+            f"{cfg.objective} S={cfg.n_samples}, beta={cfg.beta}, recipe {recipe} -> {self.out}")
+        self.console.print(f"step: {eng.opts.describe()}; loader {cfg.data.loader}, batch {cfg.optim.batch_size}"
+                           + (f" ({cfg.optim.batch_size // eng.info.world_size} per process)" if procs else ""))
+        for note in eng.notes:
+            self.console.print(f"[yellow]note:[/] {note}")
+
+    def _restore(self) -> None:
+        eng = self.eng
+        payload = resume.load(self.out, eng.device)
+        resume.check_compatible(payload["config"], self.cfg.to_dict(), self.out / resume.LATEST)
+        eng.model.load_state_dict(payload["model"], strict=True)
+        eng.optimizer.load_state_dict(payload["optimizer"])
+        eng.recipe.load_state_dict(payload.get("recipe") or {})
+        if eng.step.scaler is not None and payload.get("scaler"):
+            eng.step.scaler.load_state_dict(payload["scaler"])
+        rng = payload.get("rng") or []
+        if len(rng) == eng.info.world_size:
+            resume.set_rng_state(rng[eng.info.rank])
+        else:
+            self.console.print(f"[yellow]note:[/] the checkpoint holds the sampling RNG of {len(rng)} processes, "
+                               f"this run has {eng.info.world_size}: sampling continues from fresh seeds")
+        self.state = payload["state"]
+        if self.main:
+            resume.truncate_metrics(self.out, self.state.metrics_rows)
+        self.console.print(f"resumed {self.out} at step {self.state.step} (epoch {self.state.epoch + 1}, batch "
+                           f"{self.state.batch_in_epoch} of {len(eng.loader)})")
+
+    # ----- reading the device ----------------------------------------------------------------------------
+    def _read(self) -> tuple[float, int]:
+        """Fold the device accumulators into the epoch totals (all ranks); raise on a non-finite loss."""
+        stats = self.eng.step.stats
+        n_t = torch.tensor(float(stats.n), dtype=torch.float64, device=stats.loss.device)
+        loss, n = distributed.all_sum(torch.stack([stats.loss, n_t])).tolist()  # sync point
+        first_bad = int(distributed.all_min(stats.first_bad.where(stats.first_bad >= 0, _NONE)).item())
+        stats.reset()
+        if first_bad != _NONE or not math.isfinite(loss):
+            where = f"step {first_bad}" if first_bad != _NONE else f"or before step {self.state.step}"
+            kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+            raise FloatingPointError(f"non-finite loss at {where}: training stopped; {kept} "
+                                     f"(resume from it with --resume, e.g. with a lower --lr)")
+        self.state.epoch_loss += loss
+        self.state.epoch_n += int(n)
+        return loss, int(n)
+
+    def _checkpoint(self) -> None:
+        eng = self.eng
+        self._read()  # never save a model whose loss is not finite
+        distributed.check_replicas(eng.model, self.state.step)
+        rng = [resume.rng_state()]
+        if eng.info.enabled:
+            import torch.distributed as dist
+
+            gathered = [None] * eng.info.world_size
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if self.main:
+            scaler = eng.step.scaler.state_dict() if eng.step.scaler is not None else None
+            self.last_ckpt = resume.write(self.out, model=eng.model, optimizer=eng.optimizer, config=self.cfg.to_dict(),
+                                          state=self.state, rng=rng, recipe_state=eng.recipe.state_dict(),
+                                          scaler_state=scaler, keep=self.cfg.ckpt.keep)
+        distributed.barrier()
+
+    # ----- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._start()
+        cfg, eng, st = self.cfg, self.eng, self.state
+        if st.step >= self.total_steps:
+            self.console.print(f"nothing to do: the run is at step {st.step} of {self.total_steps}")
+            return st.metrics
+        t_start, start_step = time.perf_counter(), st.step
+        t_log = t_start
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[stats]}"), console=self.console, disable=not self.main)
+        with StopFlag() as stop, progress:
+            task = progress.add_task("train", total=self.total_steps, completed=st.step, stats="")
+            while st.epoch < cfg.optim.epochs and st.step < self.total_steps:
+                for xb in data_stream(eng.loader, st.epoch, st.batch_in_epoch):
+                    eng.step(xb, eng.recipe.beta(st.step, cfg.beta), st.step + 1)  # the step
+                    st.step += 1
+                    st.batch_in_epoch += 1
+                    eng.recipe.after_step(StepContext(st.step, st.epoch, eng.model, eng.optimizer, eng.train_images,
+                                                      eng.device, self.console))
+                    progress.update(task, advance=1)
+                    logging = st.step % cfg.log_every == 0 or st.step == self.total_steps
+                    if logging:
+                        loss, n = self._read()
+                        now = time.perf_counter()
+                        rate = n / (now - t_log)
+                        progress.update(task, stats=f"epoch {st.epoch + 1} loss {loss / max(n, 1):,.1f} "
+                                                    f"{rate:,.0f} samples/s")
+                        t_log = now
+                    stopping = self._should_stop(stop, logging)
+                    periodic = cfg.ckpt.every and st.step % cfg.ckpt.every == 0
+                    # the end of an epoch or of the run writes its own checkpoint
+                    periodic = periodic and st.batch_in_epoch < len(eng.loader) and st.step < self.total_steps
+                    if stopping or periodic:
+                        self._checkpoint()
+                    if stopping:
+                        self.console.print(f"[yellow]stopped by {stop.name or 'a signal on another rank'}[/] at "
+                                           f"step {st.step}; checkpoint {self.last_ckpt or self.out / resume.LATEST}. "
+                                           f"Continue with the same command and --resume.")
+                        return st.metrics
+                    if st.step >= self.total_steps:
+                        break
+                self._end_epoch(t_start, start_step)
+        if self.main:
+            save_images(eng.model, eng.splits["test"], self.out, eng.device, cfg.seed)
+            self.console.print(f"[green]done[/] in {time.perf_counter() - t_start:.0f}s. Outputs in {self.out}/: "
+                               "metrics.jsonl, checkpoint.pt, config.json, recon.png, samples.png")
+        return st.metrics
+
+    def _should_stop(self, stop: StopFlag, logging: bool) -> bool:
+        if not self.eng.info.enabled:
+            return bool(stop)
+        # Ranks must stop at the same step: they agree at log intervals (already a sync point).
+        return logging and distributed.any_rank(bool(stop), self.eng.device)
+
+    def _end_epoch(self, t_start: float, start_step: int) -> None:
+        """The metrics row of the epoch (or of the partial epoch where max_steps ends the run) and a checkpoint."""
+        cfg, eng, st = self.cfg, self.eng, self.state
+        self._read()
+        elapsed = time.perf_counter() - t_start
+        complete = st.batch_in_epoch >= len(eng.loader)
+        row = {"epoch": st.epoch + 1, "step": st.step, "train_loss": st.epoch_loss / max(st.epoch_n, 1),
+               "elapsed_s": elapsed, "samples_per_s": (st.step - start_step) * cfg.optim.batch_size / elapsed,
+               "width": cfg.model.width, "reduced": cfg.model.reduced}
+        if self.main and cfg.eval_every and ((st.epoch + 1) % cfg.eval_every == 0 or st.step >= self.total_steps):
+            row.update(evaluate(eng.model, cfg, eng.splits["test"], eng.device))
+        if self.main:
+            resume.append_metrics(self.out, row)
+        st.metrics = row
+        if complete:
+            st.epoch, st.batch_in_epoch, st.epoch_loss, st.epoch_n = st.epoch + 1, 0, 0.0, 0
+            st.metrics_rows += 1
+        # A partial epoch's row stays out of metrics_rows: a resumed run rewrites it when the epoch completes.
+        self._checkpoint()
+        self.console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in row.items() if k not in ("width", "reduced")))

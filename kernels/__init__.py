@@ -5,6 +5,8 @@ defines its math; faster backends are checked against it.
 """
 
 from kernels.dispatch import (
+    BACKENDS,
+    active_backend,
     get_backend,
     image_loglik,
     importance_weights,
@@ -13,4 +15,5 @@ from kernels.dispatch import (
     set_backend,
 )
 
-__all__ = ["get_backend", "image_loglik", "importance_weights", "mixture_logpdf", "moe_logq", "set_backend"]
+__all__ = ["BACKENDS", "active_backend", "get_backend", "image_loglik", "importance_weights", "mixture_logpdf",
+           "moe_logq", "set_backend"]

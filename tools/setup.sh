@@ -28,4 +28,5 @@ else
   constraints=(-c .ci/constraints.txt)
 fi
 "${pip[@]}" "${constraints[@]}" -e ".${extras}"
+.venv/bin/python tools/build_extension.py || true  # C++ ops; on failure it says why, and the torch backend is used
 echo "cmvae-engine installed in .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"

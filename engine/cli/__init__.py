@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from engine.cli.bench_cmd import bench_app
+from engine.cli.classifiers_cmd import classifiers_app
 from engine.cli.data_cmd import data_app
+from engine.cli.eval_cmd import eval_command
+from engine.cli.generate_cmd import generate_command
+from engine.cli.profile_cmd import PROFILE_CONTEXT, profile_command
+from engine.cli.prune_cmd import prune_command
+from engine.cli.report_cmd import report_command
 from engine.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -16,6 +23,13 @@ app = typer.Typer(
 )
 app.command("train")(train_command)
 app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+app.command("eval")(eval_command)
+app.add_typer(classifiers_app, name="classifiers")
+app.command("prune")(prune_command)
+app.command("generate")(generate_command)
+app.command("report")(report_command)
+app.command("profile", context_settings=PROFILE_CONTEXT)(profile_command)
 
 
 def main() -> None:

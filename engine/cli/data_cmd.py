@@ -19,8 +19,10 @@ from cmvae.data.format import MultimodalSplit, read_dataset
 from cmvae.data.polydigits import synth_polydigits
 from cmvae.data.polymnist import convert_polymnist
 from cmvae.data.resolve import default_data_root, resolve_dataset
+from engine.cli.shard_cmd import shard_command
 
 data_app = typer.Typer(help="Create, convert and inspect data sets.", no_args_is_help=True)
+data_app.command("shard")(shard_command)
 SYNTHETIC = ("polydigits",)
 CONVERTIBLE = ("polymnist",)
 EXIT_DATA_ERROR = 2

@@ -1,0 +1,370 @@
+"""Convergence benchmark: how soon each recipe gives a clustered model, against wall-clock time and steps.
+
+Each (recipe, seed) trains for a wall-clock budget. Every `eval_every_steps` steps the clock stops and the
+model is scored on the test split: NMI, ARI, ACC of the majority vote of argmax p(c|z_m) over all K clusters,
+the clusters in use, and (every `prune_every` evaluations, and always at the end) the cluster set chosen by
+pruning on the validation split from all K clusters, scored on the test split with that set. The x-axis is
+training time only (steps, recipe hooks, data); evaluation time is recorded separately. One z-tower pass per
+split and evaluation: the same z draw serves the vote and the pruned assignment (common random numbers).
+
+Writes `bench/results/convergence-{dataset}-{device}-w{width}-{time}.json` (rewritten after every run, so a
+stopped benchmark keeps its finished runs) and a `.png` with NMI against time and against steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from cmvae.config import ModelConfig
+from cmvae.data import read_dataset, resolve_dataset
+from cmvae.distributions import rsample
+from cmvae.metrics import clustering_scores
+from cmvae.model import CMVAE
+from cmvae.prune import assign_with, prune_latents
+from engine.checkpoint import atomic_write_bytes, atomic_write_json
+from engine.config import DataConfig, FastRecipeConfig, OptimConfig, StepConfig, TrainConfig
+from engine.fast_recipe import z_posterior
+from engine.kmeans import kmeans
+from engine.loaders import ResidentLoader, stack_modalities
+from engine.recipes import StepContext, build_recipe
+from engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
+
+THRESHOLDS = (0.5, 0.8, 0.9)
+SCORED = ("nmi", "pruned_nmi")
+"""Curve keys whose first crossing of each threshold is reported."""
+
+
+@dataclass
+class ConvergenceSettings:
+    dataset: str = "polydigits"
+    """A built-in data set name or a data folder (needs labels on test; valid is used for pruning if present)."""
+    recipes: list[str] = field(default_factory=lambda: ["paper", "fast"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    budget_minutes: float = 15.0
+    """Training wall time per (recipe, seed), evaluation excluded."""
+    max_steps: int | None = None
+    """Stop a run at this step even when budget is left (short checks)."""
+    eval_every_steps: int = 50
+    prune_every: int = 1
+    """Prune at every n-th evaluation (0: only at the end)."""
+    width: float = 0.25
+    clusters: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 2.5
+    device: str = "auto"
+    threads: int | None = None
+    data_root: str | None = None
+    fast: FastRecipeConfig = field(default_factory=FastRecipeConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    diagnostics: bool = False
+    """Also score k-means (k = number of test classes) on the test split's posterior means pooled over
+    modalities: an upper-bound reference that uses the label count, never fed back into training."""
+    out_dir: str = "bench/results"
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.recipes or not self.seeds:
+            raise ValueError("--recipes and --seeds must each name at least one")
+        for r in self.recipes:
+            build_recipe(r)  # raises on an unknown name
+        if not self.budget_minutes > 0:
+            raise ValueError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
+        if self.eval_every_steps < 1:
+            raise ValueError(f"--eval-every-steps must be >= 1, got {self.eval_every_steps}")
+        if self.prune_every < 0:
+            raise ValueError(f"--prune-every must be >= 0, got {self.prune_every}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+
+
+# ----- provenance ------------------------------------------------------------------------------------------
+def device_description(device: torch.device) -> str:
+    """GPU name, or CPU model with the cores this process may use."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)"
+
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": head or "unknown", "dirty": None if status is None else bool(status)}
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    train: torch.Tensor
+    test: torch.Tensor
+    test_labels: np.ndarray
+    valid: torch.Tensor
+    valid_name: str
+    name: str
+
+
+def load_splits(s: ConvergenceSettings, console: Console) -> Splits:
+    ds = read_dataset(resolve_dataset(s.dataset, data_root=s.data_root))
+    if "test" not in ds.splits or ds.splits["test"].labels is None:
+        raise ValueError(f"{s.dataset}: the convergence benchmark needs labels on the test split "
+                         "(test/labels.npy); add them or choose a labelled data set")
+    valid_name = "valid" if "valid" in ds.splits else "test"
+    if valid_name == "test":
+        console.print(f"[yellow]{s.dataset} has no valid split: pruning selects on the test split[/]")
+    imgs = {k: stack_modalities(v.modalities) for k, v in ds.splits.items()}
+    return Splits(imgs["train"], imgs["test"], np.asarray(ds.splits["test"].labels), imgs[valid_name], valid_name,
+                  ds.name)
+
+
+@torch.no_grad()
+def evaluate(model: CMVAE, splits: Splits, *, beta: float, prune: bool, seed: int, diagnostics: bool) -> dict:
+    """Scores of the model on the test split; with `prune`, the set chosen on the validation split too.
+
+    One z-tower pass per split and one z draw per datapoint and modality (the reference's sampled z)."""
+    device = model.prior_logits.device
+    g = torch.Generator(device=device).manual_seed(seed + 12345)
+    family = model.config.family
+
+    def draw(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = z_posterior(model, images)
+        return rsample(loc, scale, family, generator=g), loc
+
+    z_test, loc_test = draw(splits.test)
+    row = clustering_scores(splits.test_labels, assign_with(model, z_test).cpu().numpy())
+    row = {k if k != "n_clusters" else "in_use": v for k, v in row.items()}
+    if prune:
+        z_valid = z_test if splits.valid_name == "test" else draw(splits.valid)[0]
+        res = prune_latents(model, z_valid, beta=beta)
+        scores = clustering_scores(splits.test_labels, assign_with(model, z_test, res.chosen).cpu().numpy())
+        row.update({"pruned_k": res.chosen_k, "pruned_improved": res.improved,
+                    **{f"pruned_{k}": v for k, v in scores.items() if k != "n_clusters"},
+                    "pruned_in_use": scores["n_clusters"]})
+    if diagnostics:
+        k = len(np.unique(splits.test_labels))
+        km = kmeans(loc_test.flatten(0, 1), k, restarts=4, generator=torch.Generator(device=device).manual_seed(seed))
+        per_point = km.labels.view(loc_test.shape[:2]).cpu().numpy()
+        row["kmeans_nmi"] = float(np.mean([clustering_scores(splits.test_labels, per_point[m])["nmi"]
+                                           for m in range(per_point.shape[0])]))
+    return row
+
+
+def first_crossings(curve: list[dict]) -> dict:
+    """For each scored key and threshold: the training time and step of the first evaluation at or above it."""
+    out = {}
+    for key in SCORED:
+        for t in THRESHOLDS:
+            hit = next((r for r in curve if r.get(key) is not None and r[key] >= t), None)
+            out[f"{key}>={t}"] = None if hit is None else {"train_s": hit["train_s"], "step": hit["step"]}
+    return out
+
+
+# ----- one run ---------------------------------------------------------------------------------------------
+def train_config(s: ConvergenceSettings, recipe: str, seed: int, n_modalities: int) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(n_clusters=s.clusters, width=s.width, n_modalities=n_modalities),
+        data=DataConfig(dataset=s.dataset, data_root=s.data_root),
+        optim=OptimConfig(lr=s.lr, batch_size=s.batch_size),
+        step=s.step, recipe=recipe, fast=s.fast, beta=s.beta, seed=seed, device=s.device, threads=s.threads,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int, device: torch.device,
+            console: Console) -> dict:
+    cfg = train_config(s, recipe_name, seed, splits.train.shape[0])
+    load_start = loadavg()
+    torch.manual_seed(seed)
+    model = CMVAE(cfg.model).to(device)
+    recipe = build_recipe(recipe_name, s.fast)
+    opts = resolve_options(s.step, device)
+    prepare_model(model, opts, device)
+    opt = build_optimizer(recipe.param_groups(model, s.lr), s.lr, True, opts)
+    step_fn = TrainStep(LossModule(model, "iwae", 1), opt, opts, device)
+    loader = ResidentLoader(splits.train, s.batch_size, seed=seed, drop_last=opts.compile, device=device)
+    budget_s = s.budget_minutes * 60.0
+    curve: list[dict] = []
+    train_s = eval_s = 0.0
+    step = epoch = n_evals = 0
+
+    def record(final: bool) -> None:
+        nonlocal eval_s, n_evals
+        _sync(device)
+        t0 = time.perf_counter()
+        prune = final or (s.prune_every > 0 and n_evals % s.prune_every == 0)
+        row = {"step": step, "epoch": epoch, "train_s": round(train_s, 3),
+               **evaluate(model, splits, beta=s.beta, prune=prune, seed=seed, diagnostics=s.diagnostics)}
+        took = time.perf_counter() - t0
+        eval_s += took
+        row["eval_s"] = round(took, 3)
+        curve.append(row)
+        n_evals += 1
+        pruned = f" pruned K={row['pruned_k']} NMI {row['pruned_nmi']:.3f}" if "pruned_k" in row else ""
+        km = f" k-means NMI {row['kmeans_nmi']:.3f}" if "kmeans_nmi" in row else ""
+        checks = getattr(recipe, "checks", None)
+        check = " last check " + ", ".join(f"{k} {v:.3g}" for k, v in checks[-1].items() if k != "step") \
+            if checks else ""
+        console.print(f"  {recipe_name} seed {seed} step {step} ({train_s:.0f}s, eval {took:.0f}s): NMI "
+                      f"{row['nmi']:.3f} in use {row['in_use']}{pruned}{km}{check}")
+
+    record(final=False)
+    done = False
+    while not done:
+        for xb in loader.epoch(epoch):
+            t0 = time.perf_counter()
+            step_fn(xb, recipe.beta(step, s.beta), step + 1)
+            step += 1
+            recipe.after_step(StepContext(step, epoch, model, opt, loader.images, device, console))
+            _sync(device)
+            train_s += time.perf_counter() - t0
+            done = train_s >= budget_s or (s.max_steps is not None and step >= s.max_steps)
+            if done:
+                break
+            if step % s.eval_every_steps == 0:
+                record(final=False)
+        else:
+            epoch += 1
+    if not math.isfinite(float(step_fn.stats.loss)):  # sync point (once per run)
+        console.print(f"[red]{recipe_name} seed {seed}: the loss went non-finite[/]")
+    record(final=True)
+    final = curve[-1]
+    return {
+        "recipe": recipe_name, "seed": seed, "active_elements": recipe.active_elements(),
+        "steps": step, "epochs_completed": epoch, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
+        "steps_per_s": round(step / max(train_s, 1e-9), 4),
+        "first_reached": first_crossings(curve),
+        "final": final,
+        "final_prune": {"chosen_k": final["pruned_k"], "improved": final["pruned_improved"],
+                        "nmi": final["pruned_nmi"], "ari": final["pruned_ari"], "acc": final["pruned_acc"]},
+        "recipe_log": recipe.state_dict(),
+        "curve": curve,
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "config": cfg.to_dict(),
+    }
+
+
+# ----- the benchmark ---------------------------------------------------------------------------------------
+def run_convergence(s: ConvergenceSettings, console: Console | None = None) -> Path:
+    """Run every (recipe, seed) in turn; returns the JSON path (the plot sits next to it)."""
+    console = console or Console()
+    device = resolve_device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    splits = load_splits(s, console)
+    started = datetime.now(timezone.utc)
+    dev_tag = "cuda" if device.type == "cuda" else "cpu"
+    stem = f"convergence-{splits.name}-{dev_tag}-w{s.width:g}{'-' + s.tag if s.tag else ''}-" \
+           f"{started.strftime('%Y%m%dT%H%M%SZ')}"
+    out = Path(s.out_dir) / f"{stem}.json"
+    header = {
+        "benchmark": "convergence", "dataset": splits.name, "device": device_description(device),
+        "device_type": device.type, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "width": s.width, "reduced": s.width < 1.0, "clusters": s.clusters, "batch_size": s.batch_size,
+        "lr": s.lr, "beta": s.beta, "budget_minutes": s.budget_minutes, "eval_every_steps": s.eval_every_steps,
+        "max_steps": s.max_steps, "n_train": int(splits.train.shape[1]), "n_test": int(splits.test.shape[1]),
+        "n_modalities": int(splits.train.shape[0]), "prune_split": splits.valid_name,
+        "torch": torch.__version__, **git_commit(), "started": started.isoformat(timespec="seconds"),
+        "x_axis": "training wall time in seconds (steps, recipe hooks, data); evaluation time is in eval_s",
+    }
+    console.print(f"[bold]bench convergence[/] {splits.name} on {header['device']}, width {s.width:g}, K "
+                  f"{s.clusters}, {s.budget_minutes:g} min per run, recipes {s.recipes}, seeds {s.seeds} -> {out}")
+    runs = []
+    for recipe in s.recipes:
+        for seed in s.seeds:
+            runs.append(run_one(s, splits, recipe, seed, device, console))
+            atomic_write_json(out, {**header, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                    "summary": summarise(runs), "runs": runs})
+            plot(runs, out.with_suffix(".png"), title=f"{splits.name}, {header['device']}, width {s.width:g}")
+    console.print(f"[green]done[/]: {out} and {out.with_suffix('.png')}")
+    return out
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    return [{"recipe": r["recipe"], "seed": r["seed"], "steps": r["steps"], "train_s": r["train_s"],
+             "final_nmi": r["final"]["nmi"], "final_pruned_k": r["final_prune"]["chosen_k"],
+             "final_pruned_nmi": r["final_prune"]["nmi"], "first_reached": r["first_reached"]} for r in runs]
+
+
+def plot(runs: list[dict], path: Path, title: str = "") -> None:
+    """Test NMI (vote over all K: solid; after pruning: dashed markers) against training time and steps."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(runs):
+        colour = colours[i % len(colours)]
+        label = f"{r['recipe']} seed {r['seed']}"
+        for ax, key, scale in ((axes[0], "train_s", 1 / 60), (axes[1], "step", 1)):
+            xs = [row[key] * scale for row in r["curve"]]
+            ax.plot(xs, [row["nmi"] for row in r["curve"]], color=colour, label=label)
+            pruned = [(row[key] * scale, row["pruned_nmi"]) for row in r["curve"] if "pruned_nmi" in row]
+            if pruned:
+                ax.plot(*zip(*pruned, strict=True), color=colour, linestyle="--", marker=".", alpha=0.8)
+    axes[0].set_xlabel("training wall time (min)")
+    axes[1].set_xlabel("steps")
+    axes[0].set_ylabel("test NMI (solid: vote over all K; dashed: after pruning)")
+    for ax in axes:
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        for t in THRESHOLDS:
+            ax.axhline(t, color="grey", linewidth=0.5, linestyle=":")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

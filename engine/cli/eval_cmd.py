@@ -1,0 +1,54 @@
+"""`cmvae-engine eval RUN_DIR`: clustering, coherence, latent probes and (with --fid) FID of a run."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from cmvae.data.errors import DataError
+
+Opt = typer.Option
+
+
+def eval_command(
+    run_dir: Annotated[str, typer.Argument(help="Run folder of `cmvae-engine train` (uses pruned.pt when present).")],
+    split: Annotated[str, Opt(help="Split to evaluate: test | valid | train.")] = "test",
+    checkpoint: Annotated[str | None, Opt(help="Checkpoint file in the run folder (default pruned.pt, else "
+                                               "checkpoint.pt).")] = None,
+    fid: Annotated[bool, Opt("--fid/--no-fid", help="Compute unconditional and conditional FID.")] = False,
+    inception_weights: Annotated[str | None, Opt(help="pt_inception-2015-12-05-6726825d.pth (default: searched "
+                                                      "near the data and in torch's hub cache).")] = None,
+    n_fid: Annotated[int, Opt(help="Samples per FID set (>= 2048).")] = 10000,
+    fid_split: Annotated[str | None, Opt(help="Split of real/conditioning images for FID (default --split).")] = None,
+    coherence: Annotated[bool, Opt("--coherence/--no-coherence", help="Coherence with digit classifiers.")] = True,
+    clustering: Annotated[bool, Opt("--clustering/--no-clustering", help="NMI/ARI/ACC.")] = True,
+    latent: Annotated[bool, Opt("--latent/--no-latent", help="Linear probes on z and w.")] = True,
+    classifiers: Annotated[str | None, Opt(help="Folder of digit classifiers (default: searched near the "
+                                                "data).")] = None,
+    n_unconditional: Annotated[int, Opt(help="Prior samples for unconditional coherence.")] = 10000,
+    n_latent_train: Annotated[int, Opt(help="Train tuples for the latent probes (random subset).")] = 5000,
+    batch_size: Annotated[int, Opt(help="Tuples per forward pass.")] = 1000,
+    data_root: Annotated[str | None, Opt(help="Folder of named data sets (default: the run's).")] = None,
+    device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    seed: Annotated[int, Opt(help="Seed of every sampling step.")] = 0,
+    threads: Annotated[int | None, Opt(help="CPU threads for torch.")] = None,
+) -> None:
+    """Evaluate a trained run the way the paper does; writes RUN_DIR/eval.json and prints tables."""
+    from engine.eval_run import EvalConfig, run_eval  # heavy imports only when the command runs
+
+    console = Console()
+    try:
+        cfg = EvalConfig(
+            run_dir=run_dir, split=split, checkpoint=checkpoint, clustering=clustering, coherence=coherence,
+            latent=latent, fid=fid, inception_weights=inception_weights, n_fid=n_fid, fid_split=fid_split,
+            classifiers=classifiers, n_unconditional=n_unconditional, n_latent_train=n_latent_train,
+            batch_size=batch_size, device=device, seed=seed, data_root=data_root, threads=threads,
+        )
+        run_eval(cfg, console)
+    except (DataError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        # Text, not markup: messages hold paths and brackets.
+        Console(stderr=True, soft_wrap=True).print(Text(f"error: {e}", style="red"))
+        raise typer.Exit(2) from None

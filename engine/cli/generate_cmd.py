@@ -1,0 +1,34 @@
+"""`cmvae-engine generate RUN_DIR`: per-cluster and cross-modal sample grids as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+Opt = typer.Option
+
+
+def generate_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (uses pruned.pt when present, else checkpoint.pt).")],
+    n: Annotated[int, Opt("--n", help="Samples per cluster and modality (and test inputs per conditional grid).")] = 8,
+    cluster: Annotated[int | None, Opt(help="Only this cluster: rows modalities, columns samples.")] = None,
+    out: Annotated[Path | None, Opt(help="Output folder (default RUN_DIR/generated).")] = None,
+    seed: Annotated[int, Opt(help="Seed of the samples.")] = 0,
+    device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    data_root: Annotated[Path | None, Opt(help="Folder of named data sets (default: the run's).")] = None,
+) -> None:
+    """Sample grids: unconditional per cluster (rows clusters, columns modalities) and conditional per source
+    modality (inputs, then every modality generated from them)."""
+    from engine.generate_run import generate_run
+
+    console = Console()
+    try:
+        generate_run(run_dir, n=n, cluster=cluster, out=out, seed=seed, device=device, data_root=data_root,
+                     console=console)
+    except (ValueError, FileNotFoundError) as e:
+        Console(stderr=True).print(Text(f"error: {e}", style="red"))
+        raise typer.Exit(2) from None

@@ -1,0 +1,144 @@
+"""Data-parallel training with torch.distributed: one process per device, launched by torchrun.
+
+`cmvae-engine train ... --nproc N` re-launches itself through torch.distributed.run (`launch`); running
+`torchrun --standalone --nproc-per-node N --no-python cmvae-engine train ...` directly does the same. Each
+process trains a DDP replica on its 1/N of every global batch (`--batch-size` stays the GLOBAL batch). Rank 0
+alone resolves or synthesises the data set, writes files and evaluates; gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """Rank and world size from the torchrun environment (a single process when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group of a torchrun launch (no-op for one process)."""
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                device_id=device if device.type == "cuda" else None)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP around the loss module; buffers (the pruning mask) never change in training, so none are broadcast."""
+    if not info.enabled:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed the switch (the old name warns); 2.11 has only the old one.
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    return ddp(module, device_ids=ids, **{no_sync: False})
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of t over ranks (t itself for one process). A collective: call it on every rank at the same point."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_min(t: torch.Tensor) -> torch.Tensor:
+    """Minimum of t over ranks (t itself for one process). A collective."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def check_replicas(module: nn.Module, step: int) -> None:
+    """Raise if the ranks' parameters differ (a broken gradient synchronisation); a collective."""
+    if not dist.is_initialized():
+        return
+    total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+    lo, hi = all_min(total), -all_min(-total)
+    if lo.item() != hi.item():  # sync point
+        raise RuntimeError(f"data-parallel replicas hold different parameters at step {step} (checksums "
+                           f"{lo.item()!r} .. {hi.item()!r}): the gradient synchronisation is broken")
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if flag is true on any (used to agree on stopping after a signal)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)  # sync point
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's Python object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def launch(cfg_dict: dict, nproc: int) -> int:
+    """Run training in `nproc` processes through torch.distributed.run; returns the launcher's exit code.
+
+    The config travels as a JSON file, so the workers train exactly what this process parsed.
+    """
+    with tempfile.TemporaryDirectory(prefix="cmvae-launch-") as tmp:
+        cfg_path = Path(tmp) / "config.json"
+        cfg_path.write_text(json.dumps(cfg_dict))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "engine.distributed", str(cfg_path)]
+        return subprocess.call(cmd)
+
+
+def _worker(cfg_path: str) -> None:
+    from engine.config import TrainConfig
+    from engine.trainer import train
+
+    train(TrainConfig.from_dict(json.loads(Path(cfg_path).read_text())))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

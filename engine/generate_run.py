@@ -1,0 +1,97 @@
+"""`cmvae-engine generate RUN_DIR`: sample grids of a run (pruned.pt when present) as PNG files.
+
+Writes into OUT (default RUN_DIR/generated): unconditional.png (rows: active clusters by prior mass; columns:
+n samples per modality), conditional_m{s}.png per source modality s (the source inputs, then each target
+modality generated from them), or cluster_{c}.png with --cluster; and generate.json describing the files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from cmvae.clustering import to_float
+from cmvae.generation import cluster_grid, cluster_order, conditional_grid, unconditional_grid
+from engine.checkpoint import atomic_write_json
+from engine.images import save_grid
+from engine.prune_run import load_split, model_checkpoint
+from engine.run import load_run
+
+MANIFEST = "generate.json"
+
+
+def modality_names(run_dir: Path, m: int) -> list[str]:
+    """Names recorded by the trainer in config.json, else m0, m1, ..."""
+    try:
+        names = json.loads((run_dir / "config.json").read_text())["data"]["modalities"]
+        if isinstance(names, list) and len(names) == m:
+            return [str(x) for x in names]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return [f"m{i}" for i in range(m)]
+
+
+def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None, out: str | Path | None = None,
+                 seed: int = 0, device: str = "auto", data_root: str | Path | None = None,
+                 console: Console | None = None) -> dict:
+    """Write the grids; returns the manifest (also saved as OUT/generate.json)."""
+    from engine.trainer import resolve_device
+
+    console = console or Console()
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    ckpt = model_checkpoint(run_dir, console)
+    run = load_run(run_dir, checkpoint=ckpt, device=dev)
+    model, m = run.model, run.config.model.n_modalities
+    names = modality_names(run_dir, m)
+    out = Path(out) if out is not None else run_dir / "generated"
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    order = cluster_order(model)
+    files: dict[str, dict] = {}
+
+    if cluster is not None:
+        if cluster not in order:
+            raise ValueError(f"--cluster {cluster} is not an active cluster of {run_dir / ckpt}; active clusters: "
+                             f"{', '.join(map(str, sorted(order)))}")
+        save_grid(out / f"cluster_{cluster}.png", cluster_grid(model, cluster, n, generator=g))
+        files[f"cluster_{cluster}.png"] = {
+            "kind": "cluster", "cluster": cluster,
+            "caption": f"cluster {cluster}: rows are modalities ({', '.join(names)}), columns {n} samples"}
+    else:
+        save_grid(out / "unconditional.png", unconditional_grid(model, order, n, generator=g))
+        files["unconditional.png"] = {
+            "kind": "unconditional", "clusters": order,
+            "caption": f"one row per active cluster (by prior mass: {', '.join(map(str, order))}); columns: {n} "
+                       f"samples of each modality ({', '.join(names)})"}
+        images, _, _, _ = load_split(run.config, "test", data_root)
+        x = to_float(images[:, :n].to(dev))
+        for s in range(m):
+            name = f"conditional_m{s}.png"
+            save_grid(out / name, conditional_grid(model, x, s, generator=g))
+            files[name] = {"kind": "conditional", "source": s,
+                           "caption": f"first row: {names[s]} test inputs; then {', '.join(names)} generated "
+                                      f"from them (w from the prior)"}
+
+    manifest = _merge(out / MANIFEST, {"checkpoint": ckpt, "n": n, "seed": seed, "modalities": names,
+                                      "clusters": order, "files": files})
+    atomic_write_json(out / MANIFEST, manifest)
+    console.print(f"wrote {', '.join(files)} to {out} (model: {ckpt}, {len(order)} active clusters)", markup=False)
+    return manifest
+
+
+def _merge(path: Path, new: dict) -> dict:
+    """Keep earlier entries of the same checkpoint (e.g. a full run, then --cluster); start afresh otherwise."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return new
+    same = isinstance(old, dict) and all(old.get(k) == new[k] for k in ("checkpoint", "clusters"))
+    if not same:
+        return new
+    return {**new, "files": {**old.get("files", {}), **new["files"]}}

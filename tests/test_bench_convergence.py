@@ -1,0 +1,79 @@
+"""The convergence benchmark end to end with tiny settings: the JSON it writes, the plot, the CLI's errors."""
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bench.convergence import THRESHOLDS, ConvergenceSettings, first_crossings, run_convergence
+from cmvae.data import synth_polydigits
+from engine.cli import app
+from engine.config import FastRecipeConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "pd3"
+    return synth_polydigits(root, n_modalities=3, n_train=96, n_valid=32, n_test=48, seed=0)
+
+
+def test_benchmark_writes_json_and_plot(tiny_data, tmp_path):
+    fast = FastRecipeConfig(min_steps=0, check_every=2, probe_size=32, agree_min=0.0, agree_plateau=1.0)
+    s = ConvergenceSettings(dataset=str(tiny_data), recipes=["paper", "fast"], seeds=[0], budget_minutes=5,
+                            max_steps=6, eval_every_steps=3, prune_every=2, width=0.0625, clusters=5,
+                            batch_size=32, fast=fast, diagnostics=True, threads=1, out_dir=str(tmp_path))
+    path = run_convergence(s)
+    assert path.parent == tmp_path and path.name.startswith("convergence-polydigits-cpu-w0.0625-")
+    d = json.loads(path.read_text())
+    assert d["device_type"] == "cpu" and "cores" in d["device"] and d["torch"] and d["commit"]
+    assert d["width"] == 0.0625 and d["reduced"] is True and d["clusters"] == 5 and d["n_modalities"] == 3
+    assert [(r["recipe"], r["seed"]) for r in d["runs"]] == [("paper", 0), ("fast", 0)]
+    for r in d["runs"]:
+        assert r["steps"] == 6 and r["train_s"] > 0 and r["eval_s"] > 0
+        assert [row["step"] for row in r["curve"]] == [0, 3, 6]
+        assert [row["train_s"] for row in r["curve"]] == sorted(row["train_s"] for row in r["curve"])
+        # pruned at evaluations 0 and 2 (prune_every=2) and always at the end
+        assert ["pruned_k" in row for row in r["curve"]] == [True, False, True]
+        for row in r["curve"]:
+            assert 0 <= row["nmi"] <= 1 and -1 <= row["ari"] <= 1 and 0 <= row["acc"] <= 1
+            assert 1 <= row["in_use"] <= 5 and "kmeans_nmi" in row
+        assert 2 <= r["final_prune"]["chosen_k"] <= 5
+        assert set(r["first_reached"]) == {f"{k}>={t}" for k in ("nmi", "pruned_nmi") for t in THRESHOLDS}
+        assert len(r["loadavg_start"]) == 3 and len(r["loadavg_end"]) == 3
+        assert r["config"]["recipe"] == r["recipe"] and r["config"]["model"]["width"] == 0.0625
+    paper, fast_run = d["runs"]
+    assert paper["active_elements"] == [] and paper["recipe_log"] == {}
+    assert fast_run["active_elements"] == ["init", "refit", "prior-lr"]
+    assert fast_run["recipe_log"]["fitted_at"] == 4  # checks at 2 (first) and 4 (levelled: plateau 1.0)
+    # Until the fit the two recipes train identically: same curve at step 3.
+    assert paper["curve"][1]["nmi"] == fast_run["curve"][1]["nmi"]
+    assert [s["recipe"] for s in d["summary"]] == ["paper", "fast"]
+    with Image.open(path.with_suffix(".png")) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_first_crossings_reports_the_first_evaluation_at_or_above_each_threshold():
+    curve = [{"step": 0, "train_s": 0.0, "nmi": 0.1},
+             {"step": 10, "train_s": 5.0, "nmi": 0.85, "pruned_nmi": 0.5},
+             {"step": 20, "train_s": 9.0, "nmi": 0.7, "pruned_nmi": 0.95}]
+    got = first_crossings(curve)
+    assert got["nmi>=0.5"] == {"train_s": 5.0, "step": 10} and got["nmi>=0.8"] == {"train_s": 5.0, "step": 10}
+    assert got["nmi>=0.9"] is None
+    assert got["pruned_nmi>=0.5"] == {"train_s": 5.0, "step": 10}
+    assert got["pruned_nmi>=0.9"] == {"train_s": 9.0, "step": 20}
+
+
+def test_cli_refuses_bad_flags_with_a_clear_message(tiny_data, tmp_path):
+    runner = CliRunner()
+    cases = [(["--seeds", "0,x"], "--seeds takes comma-separated integers"),
+             (["--recipes", "paper,quick"], "--recipe"),
+             (["--fast-disable", "warmup"], "--fast-disable"),
+             (["--budget-minutes", "0"], "--budget-minutes")]
+    for extra, message in cases:
+        res = runner.invoke(app, ["bench", "convergence", str(tiny_data), "--out-dir", str(tmp_path), *extra])
+        assert res.exit_code == 2, (extra, res.output)
+        assert message in " ".join(res.output.split()), (extra, res.output)
+    res = runner.invoke(app, ["bench", "convergence", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "no such folder" in res.output
+    assert not list(tmp_path.glob("*.json"))

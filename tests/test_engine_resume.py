@@ -1,0 +1,134 @@
+"""Checkpoints and exact resume: an interrupted-and-resumed run equals an uninterrupted one; signals stop
+cleanly; a non-finite loss stops with the step named and the last good checkpoint kept."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from rich.console import Console
+
+from cmvae.config import ModelConfig
+from cmvae.data import synth_polydigits
+from engine import trainer
+from engine.checkpoint import load_checkpoint
+from engine.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from engine.recipes import Recipe
+from engine.run import load_run
+
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 80 tuples at batch 32: 3 batches per epoch, the last one partial (16), as the reference keeps it.
+    return synth_polydigits(tmp_path_factory.mktemp("data") / "pd3", n_modalities=3, n_train=80, n_valid=16,
+                            n_test=32, seed=0)
+
+
+def config(data, out, *, max_steps=None, resume=False, every=0, keep=3, epochs=3, loader="resident") -> TrainConfig:
+    return TrainConfig(model=ModelConfig(n_clusters=4, z_dim=8, w_dim=4, width=0.0625),
+                       data=DataConfig(dataset=str(data), loader=loader, workers=0),
+                       optim=OptimConfig(epochs=epochs, batch_size=32, max_steps=max_steps),
+                       ckpt=CheckpointConfig(every=every, keep=keep), out=str(out), log_every=2, eval_every=0,
+                       seed=5, resume=resume)
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b) -> None:
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert ca["state"]["step"] == cb["state"]["step"]
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k  # bit for bit
+    for (ka, va), (kb, vb) in zip(ca["optimizer"]["state"].items(), cb["optimizer"]["state"].items(), strict=True):
+        assert ka == kb and all(torch.equal(va[s], vb[s]) for s in va)
+    ra, rb = rows(a), rows(b)
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+    # The epoch loss is a float64 sum; a resumed run folds it at the interruption: equal to 1e-12.
+    assert [r["train_loss"] for r in ra] == pytest.approx([r["train_loss"] for r in rb], rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def full_runs(data, tmp_path_factory):
+    """Uninterrupted runs, one per loader, made on first use."""
+    runs = {}
+
+    def get(loader: str = "resident"):
+        if loader not in runs:
+            runs[loader] = tmp_path_factory.mktemp(f"full-{loader}")
+            trainer.train(config(data, runs[loader], loader=loader), QUIET)
+        return runs[loader]
+
+    return get
+
+
+@pytest.fixture
+def uninterrupted(full_runs):
+    return full_runs("resident")
+
+
+# `files` reads tuples through a DataLoader, whose epoch start draws from torch's global generator: the
+# trainer keeps that draw away from the sampling noise, or this resume would not be exact.
+@pytest.mark.parametrize("loader", ["resident", "files"])
+def test_resume_after_max_steps_equals_uninterrupted_run(data, tmp_path, full_runs, loader):
+    uninterrupted = full_runs(loader)
+    out = tmp_path / "run"
+    first = trainer.train(config(data, out, max_steps=4, every=1, keep=2, loader=loader), QUIET)
+    assert first["step"] == 4 and first["epoch"] == 2  # stopped one batch into epoch 2
+    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
+    assert load_checkpoint(out / "checkpoint.pt")["state"]["batch_in_epoch"] == 1
+    assert len(rows(out)) == 2  # epoch 1 and the partial epoch 2
+    last = trainer.train(config(data, out, resume=True, every=1, keep=2, loader=loader), QUIET)
+    assert last["step"] == 9 and last["epoch"] == 3
+    assert_same_run(out, uninterrupted)
+    assert load_run(out).model.config.width == 0.0625  # prune/eval still read the latest checkpoint
+
+
+class _SignalAt(Recipe):
+    def __init__(self, step: int, signum: int):
+        self.at, self.signum = step, signum
+
+    def after_step(self, ctx) -> None:
+        if ctx.step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(data, tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "build_recipe", lambda name, fast=None: _SignalAt(5, signal.SIGTERM))
+    trainer.train(config(data, out), QUIET)
+    state = load_checkpoint(out / "checkpoint.pt")["state"]
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+    trainer.train(config(data, out, resume=True), QUIET)
+    assert_same_run(out, uninterrupted)
+
+
+class _NanBeta(Recipe):
+    def beta(self, step: int, base: float) -> float:
+        return float("nan") if step == 6 else base  # poisons the loss of step 7 (steps count from 1)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "build_recipe", lambda name, fast=None: _NanBeta())
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7.*ckpt-00000006\.pt"):
+        trainer.train(config(data, out, every=2), QUIET)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["state"]["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (out / "ckpt-00000008.pt").exists()
+
+
+def test_resume_refuses_a_different_model_and_a_missing_run(data, tmp_path, uninterrupted):
+    cfg = config(data, uninterrupted, resume=True)
+    cfg.model.width = 0.125
+    with pytest.raises(ValueError, match=r"model\.width=0\.0625"):
+        trainer.train(cfg, QUIET)
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        trainer.train(config(data, tmp_path / "nothing", resume=True), QUIET)

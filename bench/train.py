@@ -31,9 +31,12 @@ from engine.profiling import PeakMemory, batches, measured_peak_tflops, step_flo
 from engine.trainer import build_engine
 
 PAPER_EPOCHS, PAPER_TUPLES = 250, 60_000
-# Mean loss per tuple over the timed steps, optimised vs baseline. bf16 autocast, compiled RNG streams and
-# per-pair vs batched decoders change the noise, not the objective; on fp32 CPU runs they agree to ~1e-6.
-LOSS_RTOL = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}
+# Mean loss per tuple over the timed steps, optimised vs baseline: a guard against a fast path that trains
+# something else. The compiled step draws its own random numbers (inductor's RNG), so the two differ at the
+# sampling-noise level (measured on CPU with differently drawn random numbers: 1.0e-3 at 2 steps of batch 32,
+# M=2, width 0.0625; with the same random numbers, via inductor's fallback_random: below 1e-5); bf16 adds its
+# rounding.
+LOSS_RTOL = {"float32": 1e-2, "bfloat16": 2e-2, "float16": 2e-2}
 
 
 def variant_config(base: TrainConfig, variant: str) -> TrainConfig:

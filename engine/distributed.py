@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,8 +121,11 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def launch(cfg_dict: dict, nproc: int) -> int:
-    """Run training in `nproc` processes through torch.distributed.run; returns the launcher's exit code.
+def launch(cfg_dict: dict, nproc: int) -> tuple[int, int | None]:
+    """Run training in `nproc` processes through torch.distributed.run.
+
+    Returns the launcher's exit code and the signal passed on to it (None if none): the launcher exits non-zero
+    after a signal even when its workers stopped cleanly with a checkpoint.
 
     The config travels as a JSON file, so the workers train exactly what this process parsed.
     """
@@ -130,7 +134,20 @@ def launch(cfg_dict: dict, nproc: int) -> int:
         cfg_path.write_text(json.dumps(cfg_dict))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "engine.distributed", str(cfg_path)]
-        return subprocess.call(cmd)
+        proc = subprocess.Popen(cmd)
+        received: list[int] = []
+
+        def forward(signum: int, frame) -> None:
+            received.append(signum)
+            if signum != signal.SIGINT:  # Ctrl-C reaches the launcher and workers directly (one process group)
+                proc.send_signal(signum)  # the launcher forwards it to the workers, which checkpoint and stop
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return proc.wait(), (received[0] if received else None)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _worker(cfg_path: str) -> None:

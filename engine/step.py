@@ -189,7 +189,12 @@ class TrainStep:
         if opts.compile:
             mode = "reduce-overhead" if opts.cuda_graphs else None
             self.forward = torch.compile(module, fullgraph=fullgraph, dynamic=False, mode=mode)
-        self.scaler = torch.amp.GradScaler(device.type) if opts.amp_dtype == torch.float16 else None
+        # The loss is a SUM over pixels and modalities: the gradients reaching the encoders' heads are large
+        # already, and torch's default initial scale 2^16 overflows fp16 at every step (checked at width 0.0625:
+        # still overflowing at 2^7; no overflow at 1). The scaler still halves on overflow and doubles after
+        # 2000 clean steps.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0) if opts.amp_dtype == torch.float16 \
+            else None
         self.beta = torch.zeros((), device=device)
         self.stats = StepStats(device)
 
@@ -208,7 +213,8 @@ class TrainStep:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         with self._range("optimizer"):
             if self.scaler:
-                # fused Adam takes the scale and inf flag on the device: no host sync here either.
+                # With fused Adam (the CUDA default) the scale and the inf flag stay on the device; a non-fused
+                # optimizer makes GradScaler read the flag on the host (one sync per step, fp16 only).
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:

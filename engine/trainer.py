@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict:
     info = distributed.env_info()
     if cfg.nproc > 1 and not info.enabled:
         return _launch(cfg, console or Console())
-    console = console or Console(quiet=not info.is_main)
+    console = console if console is not None and info.is_main else Console(quiet=not info.is_main)
+    if info.enabled:
+        cfg.nproc = info.world_size  # a direct torchrun launch: the config records the real process count
     device = resolve_device(cfg.device, info.local_rank)
     distributed.init(info, device)
     try:
@@ -203,10 +206,15 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict:
 
 def _launch(cfg: TrainConfig, console: Console) -> dict:
     console.print(f"launching {cfg.nproc} processes (torch.distributed.run, global batch {cfg.optim.batch_size})")
-    rc = distributed.launch(cfg.to_dict(), cfg.nproc)
-    if rc != 0:
+    rc, signum = distributed.launch(cfg.to_dict(), cfg.nproc)
+    latest = Path(cfg.out) / resume.LATEST
+    if signum is not None and latest.is_file():
+        console.print(f"[yellow]stopped by {signal.Signals(signum).name}[/]: the workers wrote {latest}; continue "
+                      "with the same command and --resume")
+    elif rc != 0:
         raise RuntimeError(f"data-parallel training exited with code {rc} (see the worker output above)")
-    rows = (Path(cfg.out) / resume.METRICS).read_text().splitlines()
+    metrics = Path(cfg.out) / resume.METRICS
+    rows = metrics.read_text().splitlines() if metrics.is_file() else []
     return json.loads(rows[-1]) if rows else {}
 
 

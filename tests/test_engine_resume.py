@@ -132,3 +132,20 @@ def test_resume_refuses_a_different_model_and_a_missing_run(data, tmp_path, unin
         trainer.train(cfg, QUIET)
     with pytest.raises(FileNotFoundError, match="--resume"):
         trainer.train(config(data, tmp_path / "nothing", resume=True), QUIET)
+
+
+def test_cli_resume_takes_the_saved_settings(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    out = str(tmp_path / "run")
+    tiny = ["--width", "0.0625", "-k", "4", "--z-dim", "8", "--w-dim", "4", "--batch-size", "32", "--eval-every", "0"]
+    first = CliRunner().invoke(app, ["train", str(data), *tiny, "--max-steps", "2", "--out", out])
+    assert first.exit_code == 0, first.output
+    # No model flags: they come from the run; --max-steps overrides the saved value.
+    res = CliRunner().invoke(app, ["train", str(data), "--resume", "--max-steps", "4", "--out", out])
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["state"]["step"] == 4 and ckpt["config"]["model"]["width"] == 0.0625
+    assert ckpt["config"]["optim"]["max_steps"] == 4

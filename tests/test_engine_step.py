@@ -20,7 +20,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return synth_polydigits(tmp_path_factory.mktemp("data") / "pd3", n_modalities=3, n_train=64, n_valid=16,
+    # M=2: a cold CPU compile builds one C++ file per fused kernel (~2 s of g++ each here); M=3 has ~50% more.
+    return synth_polydigits(tmp_path_factory.mktemp("data") / "pd2", n_modalities=2, n_train=64, n_valid=16,
                             n_test=32, seed=0)
 
 
@@ -49,21 +50,23 @@ def final_params(out) -> torch.Tensor:
 
 
 def test_compiled_step_gives_the_eager_loss_curve(data, tmp_path, inductor_cache):
-    # fp32 tolerance: 1e-5 relative on each epoch's loss and on the parameters after 6 Adam steps (measured:
-    # <= 4e-8 on the losses, 1e-6 on the parameters). fallback_random makes inductor draw the same random numbers
-    # as eager; without it the compiled step samples from the same distributions with other numbers.
+    # fp32 tolerance: 1e-5 relative on each epoch's loss (measured: <= 4e-8); parameters after 6 Adam steps within
+    # 1e-4 (measured: 1e-6 at M=3, 1.1e-5 at M=2; Adam's early steps move each weight by ~lr = 1e-3 whatever the
+    # gradient's size, so a rounding-level gradient difference on a near-zero gradient shows up at that scale).
+    # fallback_random makes inductor draw the same random numbers as eager; without it the compiled step
+    # samples from the same distributions with other numbers.
     eager = train(config(data, tmp_path / "eager"))
     with torch._inductor.config.patch(fallback_random=True):
         compiled = train(config(data, tmp_path / "compiled", compile=True))
     assert compiled["step"] == eager["step"] == 6
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     a, b = final_params(tmp_path / "eager"), final_params(tmp_path / "compiled")
-    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert (a - b).abs().max() <= 1e-4
 
 
 def test_bf16_autocast_and_channels_last_keep_the_curve(data, tmp_path):
     # bf16 on CPU is the same autocast as on CUDA (networks in bf16, the probabilistic core in fp32): epoch
-    # losses within 1e-3 (measured: <= 4.4e-5); channels_last within fp32 rounding, 1e-5 (measured: equal).
+    # losses within 1e-3 (measured: <= 6.1e-5); channels_last within fp32 rounding, 1e-5 (measured: equal).
     train(config(data, tmp_path / "ref"))
     train(config(data, tmp_path / "bf16", amp=True))
     ref = losses(tmp_path / "ref")
@@ -71,6 +74,30 @@ def test_bf16_autocast_and_channels_last_keep_the_curve(data, tmp_path):
     assert losses(tmp_path / "bf16") == pytest.approx(ref, rel=1e-3)
     assert losses(tmp_path / "bf16") != pytest.approx(ref, rel=1e-7)  # it did run in bf16
     assert losses(tmp_path / "cl") == pytest.approx(ref, rel=1e-5)
+
+
+def _short_run(**step) -> tuple[list[float], TrainStep]:
+    torch.manual_seed(0)
+    model = CMVAE(ModelConfig(n_modalities=2, n_clusters=3, z_dim=4, w_dim=4, width=0.0625))
+    opts = resolve_options(StepConfig(**step), CPU)
+    prepare_model(model, opts, CPU)
+    opt = build_optimizer([{"params": list(model.parameters())}], 1e-3, True, opts)
+    st = TrainStep(LossModule(model, "iwae", 1), opt, opts, CPU)
+    xb = torch.randint(0, 256, (2, 8, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = []
+    for i in range(4):
+        st.stats.reset()
+        st(xb, 2.5, i + 1)
+        out.append(st.stats.loss.item() / st.stats.n)
+    return out, st
+
+
+def test_fp16_with_grad_scaler_takes_every_step():
+    ref, _ = _short_run()
+    fp16, st = _short_run(amp=True, amp_dtype="fp16")
+    assert st.scaler is not None and st.scaler.get_scale() == 1.0  # no overflow, so no skipped step
+    assert fp16 == pytest.approx(ref, rel=1e-3)  # measured: 1.8e-5
+    assert fp16[-1] < fp16[0]  # it trained
 
 
 def test_per_pair_decoders_equal_batched(rng):

@@ -127,6 +127,7 @@ def test_eval_command_end_to_end(tiny_run, tmp_path):
     assert 0.0 <= ev["coherence"]["unconditional"] <= 1.0
     assert ev["coherence"]["classifiers"]["test_accuracy"] == pytest.approx(record["test_accuracy"])
     assert ev["latent_classification"]["n_train"] == 50
+    assert any("below 90% test accuracy" in n for n in ev["notes"]) == (min(record["test_accuracy"]) < 0.9)
     assert "fid" not in ev and ev["timings"]["total_s"] > 0
 
     # pruned.pt is preferred when present and named in the output.

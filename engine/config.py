@@ -123,8 +123,8 @@ class FastRecipeConfig:
     min_steps: int = 50
     """No fit before this step."""
     agree_min: float = 0.3
-    """The trigger: cross-modal agreement (mean pairwise NMI between the modalities' k-means assignments of the
-    same tuples) must be at least this ..."""
+    """The trigger: cross-modal agreement (mean pairwise ARI between the modalities' k-means assignments of the
+    same tuples; 0 by chance) must be at least this ..."""
     agree_plateau: float = 0.02
     """... and have risen by less than this since the previous check (it has levelled off)."""
     max_wait_steps: int = 2000

@@ -7,7 +7,7 @@ and fits the prior to it once it has formed:
 
 - probe: posterior means of z for a fixed random subset of the training tuples, every `check_every` steps;
 - trigger: k-means (the model's K) on the probe's means pooled over modalities; the cross-modal agreement is
-  the mean pairwise NMI between the modalities' assignments of the same tuples. The modalities share only
+  the mean pairwise ARI between the modalities' assignments of the same tuples (0 by chance). The modalities share only
   the content (the class), so agreement rises as z comes to encode it; the prior is fitted once the
   agreement is at least `agree_min` and has levelled off;
 - fit: prior means <- centroids, mixing weights <- cluster sizes, learned scales <- per-cluster spread; the

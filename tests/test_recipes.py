@@ -64,6 +64,16 @@ def _train_steps(recipe: Recipe | None, n_steps: int, images: torch.Tensor) -> C
     return model
 
 
+def test_paper_ignores_every_fast_setting():
+    # The `fast` settings travel in every TrainConfig; under `paper` none of them may take effect.
+    everything = FastRecipeConfig.from_flags(enable=",".join(FAST_ELEMENTS), settings="min_steps=0,check_every=1")
+    r = build_recipe("paper", everything)
+    assert type(r) is Recipe and r.active_elements() == []
+    assert [r.beta(s, 2.5) for s in (0, 1, 50)] == [2.5, 2.5, 2.5]
+    model = tiny_model()
+    assert len(r.param_groups(model, 1e-3)) == 1
+
+
 def test_paper_hooks_leave_every_parameter_bit_identical():
     images = torch.randint(0, 256, (2, 12, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     bypassed = _train_steps(None, 5, images)

@@ -32,7 +32,8 @@ def train_config(
     w_dim: Annotated[int, Opt(help="Private latent size Dw.")] = 32,
     family: Annotated[str, Opt(help="Latent family: laplace | normal.")] = "laplace",
     recipe: Annotated[str, Opt(help="paper (the reference procedure exactly) | fast (the same model and final "
-                                    "objective, clustered in far fewer steps; docs/recipes.md).")] = "paper",
+                                    "objective, the prior fitted to the representation once it has formed; "
+                                    "docs/recipes.md).")] = "paper",
     fast_disable: Annotated[str, Opt(help="`fast` elements to switch off: init,refit,prior-lr,beta-warmup,lr-scale.")]
     = "",
     fast_enable: Annotated[str, Opt(help="`fast` elements to switch on (those off by default).")] = "",

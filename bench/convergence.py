@@ -39,6 +39,7 @@ from engine.kmeans import kmeans
 from engine.loaders import ResidentLoader, stack_modalities
 from engine.recipes import StepContext, build_recipe
 from engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
+from engine.warm_start import WarmStartContext
 
 THRESHOLDS = (0.5, 0.8, 0.9)
 SCORED = ("nmi", "pruned_nmi")
@@ -228,7 +229,8 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
     opts = resolve_options(s.step, device)
     prepare_model(model, opts, device)
     opt = build_optimizer(recipe.param_groups(model, s.lr), s.lr, True, opts)
-    step_fn = TrainStep(LossModule(model, "iwae", 1), opt, opts, device)
+    aux = recipe.aux_loss()
+    step_fn = TrainStep(LossModule(model, "iwae", 1, aux=aux), opt, opts, device, with_aux=aux is not None)
     loader = ResidentLoader(splits.train, s.batch_size, seed=seed, drop_last=opts.compile, device=device)
     budget_s = s.budget_minutes * 60.0
     curve: list[dict] = []
@@ -259,11 +261,17 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
                       f"{row['nmi']:.3f} in use {row['in_use']}{pruned}{km}{check}")
 
     record(final=False)
-    done = False
+    t0 = time.perf_counter()
+    warmed = recipe.warm_start(WarmStartContext(model, loader.images, device, s.batch_size, seed, console))
+    _sync(device)
+    train_s += time.perf_counter() - t0  # the warm start is training time
+    if warmed:  # show where the warm start left the model (still step 0)
+        record(final=False)
+    done = train_s >= budget_s
     while not done:
         for xb in loader.epoch(epoch):
             t0 = time.perf_counter()
-            step_fn(xb, recipe.beta(step, s.beta), step + 1)
+            step_fn(xb, recipe.beta(step, s.beta), step + 1, recipe.aux_weight(step))
             step += 1
             recipe.after_step(StepContext(step, epoch, model, opt, loader.images, device, console))
             _sync(device)

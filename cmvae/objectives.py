@@ -40,6 +40,8 @@ class LossOutput:
     """Scalar to minimise: minus the batch-summed bound (or DReG surrogate), as the reference."""
     bound: torch.Tensor
     """[B] IWAE bound per datapoint (detached), the number to report."""
+    posterior: Posterior | None = None
+    """The encoders' posterior parameters of this batch (for terms a training recipe adds)."""
 
 
 def log_weights(
@@ -90,10 +92,10 @@ def loss_fn(
     lwo = log_weights(model, x, post, lat, beta, detach_q=dreg)
     bound, weights, _ = kernels.importance_weights(lwo.lw)
     if not dreg:
-        return LossOutput(-bound.sum(), bound.detach())
+        return LossOutput(-bound.sum(), bound.detach(), post)
     if n_samples > 1:
         # The path gradient of the encoder's samples carries w~ twice (w~^2); with S=1 the weight is 1.
         _scale_grad(lat.z, weights)
         _scale_grad(lat.w, weights)
     surrogate = (weights * lwo.lw).sum(1).mean(0)
-    return LossOutput(-surrogate.sum(), bound.detach())
+    return LossOutput(-surrogate.sum(), bound.detach(), post)

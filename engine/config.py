@@ -97,13 +97,16 @@ class CheckpointConfig:
             raise ValueError(f"keep (--keep) must be >= 1, got {self.keep}")
 
 
-FAST_ELEMENTS = ("init", "refit", "prior-lr", "beta-warmup", "lr-scale")
+FAST_ELEMENTS = ("contrast", "init", "refit", "prior-lr", "beta-warmup", "lr-scale")
 
 
 @dataclass
 class FastRecipeConfig:
     """The `fast` recipe (docs/recipes.md). Every element switches off on its own; `paper` uses none of them."""
 
+    contrast: bool = True
+    """Contrastive warm start of the z towers before the first step, faded out over the first steps
+    (element `contrast`, engine/warm_start.py)."""
     init: bool = True
     """Fit the mixture prior (means, weights and, if learned, scales) by k-means to the posterior means of z pooled
     over modalities, once the label-free trigger fires (element `init`)."""
@@ -145,24 +148,38 @@ class FastRecipeConfig:
     """At most this many refits per run."""
     kmeans_restarts: int = 4
     """k-means restarts per fit (the lowest inertia wins)."""
+    contrast_steps: int = 800
+    """Warm-start steps of cross-modal InfoNCE on the z towers alone (with contrast)."""
+    contrast_lr: float = 3e-3
+    """Adam (amsgrad) learning rate of the warm start."""
+    contrast_tau: float = 0.2
+    """InfoNCE temperature (cosine similarities are divided by it)."""
+    contrast_spread: float = 2.0
+    """RMS spread per dimension given to each modality's centred posterior means after the warm start."""
+    contrast_weight: float = 500.0
+    """InfoNCE weight at the first CMVAE step, per tuple (the objective is ~1e4 nats per tuple); falls to 0 ..."""
+    contrast_anneal_steps: int = 600
+    """... linearly over this many CMVAE steps (0: no InfoNCE once the CMVAE objective starts)."""
 
     def __post_init__(self) -> None:
         ints = {"probe_size": 2, "check_every": 1, "min_steps": 0, "max_wait_steps": 0, "warmup_steps": 1,
-                "max_refits": 0, "kmeans_restarts": 1}
+                "max_refits": 0, "kmeans_restarts": 1, "contrast_steps": 0, "contrast_anneal_steps": 0}
         for name, low in ints.items():
             if getattr(self, name) < low:
                 raise ValueError(f"fast recipe: {name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("prior_lr_mult", "lr_mult", "beta_start"):
+        for name in ("prior_lr_mult", "lr_mult", "beta_start", "contrast_lr", "contrast_tau", "contrast_spread"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"fast recipe: {name} must be > 0, got {getattr(self, name)}")
         for name in ("agree_min", "collapse_frac", "min_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"fast recipe: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.contrast_weight < 0:
+            raise ValueError(f"fast recipe: contrast_weight must be >= 0, got {self.contrast_weight}")
 
     def active(self) -> list[str]:
         """Names of the switched-on elements, in FAST_ELEMENTS order."""
-        on = {"init": self.init, "refit": self.refit and self.init, "prior-lr": self.prior_lr and self.init,
-              "beta-warmup": self.beta_warmup, "lr-scale": self.lr_scale}
+        on = {"contrast": self.contrast, "init": self.init, "refit": self.refit and self.init,
+              "prior-lr": self.prior_lr and self.init, "beta-warmup": self.beta_warmup, "lr-scale": self.lr_scale}
         return [e for e in FAST_ELEMENTS if on[e]]
 
     @classmethod

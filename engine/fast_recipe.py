@@ -13,6 +13,8 @@ and fits the prior to it once it has formed:
 - fit: prior means <- centroids, mixing weights <- cluster sizes, learned scales <- per-cluster spread; the
   prior's optimiser state is reset and, with `prior-lr`, its learning rate multiplied;
 - refit: when the clusters in use collapse below a fraction of those in use right after the last fit;
+- contrast: before the first step, a contrastive warm start of the z towers, faded out early in training
+  (engine/warm_start.py): the representation, not the prior, is what the reference procedure waits for first;
 - optional beta warm-up and network learning-rate scaling (measured; see docs/recipes.md for which pay).
 
 Every element switches off on its own (FastRecipeConfig); the host reads device values only at checks.
@@ -25,13 +27,15 @@ import math
 import torch
 import torch.distributed as dist
 
+from cmvae.alignment import cross_modal_infonce
 from cmvae.clustering import to_float
 from cmvae.distributions import scale_from_raw
-from cmvae.model import CMVAE
+from cmvae.model import CMVAE, Posterior
 from engine.checkpoint import unwrap
 from engine.config import FastRecipeConfig
 from engine.kmeans import kmeans
 from engine.recipes import Recipe, StepContext
+from engine.warm_start import ContrastWarmStart, WarmStartContext
 
 PRIOR_PARAMS = ("prior_logits", "prior_loc", "prior_raw_scale")
 # Seeds the probe subset and k-means; a constant so that every rank of a data-parallel run draws the same.
@@ -121,6 +125,7 @@ class FastRecipe(Recipe):
         self._base_lr = 0.0
         self._usage_after_fit = 0
         self._warned = False
+        self.warm = ContrastWarmStart(self.cfg) if self.cfg.contrast else None
 
     # ----- hooks -------------------------------------------------------------------------------------------
     def param_groups(self, model: CMVAE, lr: float) -> list[dict]:
@@ -144,6 +149,34 @@ class FastRecipe(Recipe):
 
     def active_elements(self) -> list[str]:
         return self.cfg.active()
+
+    def warm_start(self, ctx: WarmStartContext) -> bool:
+        if self.warm is None or self.warm.done:
+            return False
+        if ctx.train_images is None:
+            if not self._warned:
+                ctx.console.print("[yellow]fast recipe:[/] this loader keeps no training images on the device; "
+                                  "the contrastive warm start is skipped (use --loader resident)")
+            self.warm.done, self.warm.step = True, -1  # -1: skipped; aux_weight stays 0
+            return False
+        self.warm.run(ctx)
+        return True
+
+    def aux_loss(self):
+        if self.warm is None:
+            return None
+        tau = self.cfg.contrast_tau
+
+        def contrast(post: Posterior) -> torch.Tensor:
+            # per tuple, like the objective's terms: the loss is a sum over the batch
+            return cross_modal_infonce(post.z_loc, tau) * post.z_loc.shape[1]
+
+        return contrast
+
+    def aux_weight(self, step: int) -> float:
+        if self.warm is None or self.warm.step < 0:
+            return 0.0
+        return self.warm.weight(step)
 
     def after_step(self, ctx: StepContext) -> None:
         c = self.cfg
@@ -260,11 +293,16 @@ class FastRecipe(Recipe):
 
     # ----- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"fitted_at": self.fitted_at, "fits": self.fits, "checks": self.checks,
-                "usage_after_fit": self._usage_after_fit}
+        state = {"fitted_at": self.fitted_at, "fits": self.fits, "checks": self.checks,
+                 "usage_after_fit": self._usage_after_fit}
+        if self.warm is not None:
+            state["warm_start"] = self.warm.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.fitted_at = state.get("fitted_at")
         self.fits = list(state.get("fits", []))
         self.checks = list(state.get("checks", []))
         self._usage_after_fit = int(state.get("usage_after_fit", 0))
+        if self.warm is not None and "warm_start" in state:
+            self.warm.load_state_dict(state["warm_start"])

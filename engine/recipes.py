@@ -3,13 +3,15 @@ changes nothing (the reference procedure); `fast` (engine/fast_recipe.py) reache
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from rich.console import Console
 
-from cmvae.model import CMVAE
+from cmvae.model import CMVAE, Posterior
 from engine.config import FastRecipeConfig
+from engine.warm_start import WarmStartContext
 
 
 @dataclass
@@ -39,6 +41,21 @@ class Recipe:
 
     def after_step(self, ctx: StepContext) -> None:
         """Called after every optimiser step; must not sync the host except on rare events."""
+
+    def warm_start(self, ctx: WarmStartContext) -> bool:
+        """Called before the first training step (again on a resume at step 0: it then finishes what was left).
+        Returns whether it changed the model. The paper: nothing."""
+        del ctx
+        return False
+
+    def aux_loss(self) -> Callable[[Posterior], torch.Tensor] | None:
+        """A term added to the loss, times `aux_weight(step)` (the paper: none, and the loss is the objective's)."""
+        return None
+
+    def aux_weight(self, step: int) -> float:
+        """Weight of `aux_loss` at the 0-based step."""
+        del step
+        return 0.0
 
     def active_elements(self) -> list[str]:
         """Names of the elements that change the reference procedure (the paper: none)."""

@@ -20,7 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from cmvae.clustering import to_float
-from cmvae.model import CMVAE
+from cmvae.model import CMVAE, Posterior
 from cmvae.objectives import loss_fn
 from engine.config import StepConfig
 
@@ -136,16 +136,23 @@ class LossModule(nn.Module):
     so scaling restores the single-process gradient of the global batch.
     """
 
-    def __init__(self, model: CMVAE, objective: str, n_samples: int, loss_scale: float = 1.0):
+    def __init__(self, model: CMVAE, objective: str, n_samples: int, loss_scale: float = 1.0,
+                 aux: Callable[[Posterior], torch.Tensor] | None = None):
         super().__init__()
         self.model = model
         self.objective = objective
         self.n_samples = n_samples
         self.loss_scale = loss_scale
+        self.aux = aux
+        """A recipe's extra term (engine/recipes.py), added times the step's aux_weight; None: the objective only."""
 
-    def forward(self, xb: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, xb: torch.Tensor, beta: torch.Tensor, aux_weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         out = loss_fn(self.model, to_float(xb), objective=self.objective, n_samples=self.n_samples, beta=beta)
-        loss = out.loss * self.loss_scale if self.loss_scale != 1.0 else out.loss
+        loss = out.loss
+        if self.aux is not None and aux_weight is not None:
+            loss = loss + aux_weight * self.aux(out.posterior)
+        loss = loss * self.loss_scale if self.loss_scale != 1.0 else loss
         return loss, out.bound.sum()
 
 
@@ -178,7 +185,8 @@ class TrainStep:
     """One optimiser step on a uint8 batch; call it, then read `stats` at log intervals only."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, opts: StepOptions,
-                 device: torch.device, *, fullgraph: bool = True, annotate: bool = False):
+                 device: torch.device, *, fullgraph: bool = True, annotate: bool = False, with_aux: bool = False):
+        """with_aux: the module takes the recipe's aux weight (LossModule built with `aux`)."""
         self.optimizer = optimizer
         self.opts = opts
         self.device = device
@@ -196,18 +204,25 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0) if opts.amp_dtype == torch.float16 \
             else None
         self.beta = torch.zeros((), device=device)
+        self.aux_weight = torch.zeros((), device=device)
+        self.has_aux = with_aux
         self.stats = StepStats(device)
 
     def _range(self, name: str):
         return record_function(name) if self.annotate else contextlib.nullcontext()
 
-    def __call__(self, xb: torch.Tensor, beta: float, step: int) -> None:
-        """xb uint8 [M, B, C, H, W] on the device; `step` is the 1-based number of this step (for stats)."""
+    def __call__(self, xb: torch.Tensor, beta: float, step: int, aux_weight: float = 0.0) -> None:
+        """xb uint8 [M, B, C, H, W] on the device; `step` is the 1-based number of this step (for stats);
+        aux_weight weighs the recipe's extra term (if the module has one)."""
         self.beta.fill_(beta)  # a device tensor: a changing beta neither syncs nor recompiles
         if self.opts.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self._range("forward"):
-            loss, bound_sum = self.forward(xb, self.beta)
+            if self.has_aux:
+                self.aux_weight.fill_(aux_weight)
+                loss, bound_sum = self.forward(xb, self.beta, self.aux_weight)
+            else:
+                loss, bound_sum = self.forward(xb, self.beta)
         self.optimizer.zero_grad(set_to_none=True)
         with self._range("backward"):
             (self.scaler.scale(loss) if self.scaler else loss).backward()

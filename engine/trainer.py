@@ -32,6 +32,7 @@ from engine.loaders import Loader, make_loader, stack_modalities
 from engine.recipes import Recipe, StepContext, build_recipe
 from engine.signals import StopFlag
 from engine.step import LossModule, StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
+from engine.warm_start import WarmStartContext
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -166,9 +167,12 @@ def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.de
     recipe = build_recipe(cfg.recipe, cfg.fast)
     optimizer = build_optimizer(recipe.param_groups(model, cfg.optim.lr), cfg.optim.lr, cfg.optim.amsgrad, opts)
     # The loss is a sum over the batch; DDP averages gradients: scale by the world size to get the global sum.
-    module = distributed.wrap(LossModule(model, cfg.objective, cfg.n_samples, float(info.world_size)), info, device)
+    aux = recipe.aux_loss()
+    module = distributed.wrap(LossModule(model, cfg.objective, cfg.n_samples, float(info.world_size), aux=aux),
+                              info, device)
     hooks = cfg.objective == "dreg" and cfg.n_samples > 1  # DReG's gradient hooks break the graph
-    step = TrainStep(module, optimizer, opts, device, fullgraph=not (info.enabled or hooks), annotate=annotate)
+    step = TrainStep(module, optimizer, opts, device, fullgraph=not (info.enabled or hooks), annotate=annotate,
+                     with_aux=aux is not None)
 
     notes = []
     drop_last = cfg.data.drop_last or opts.compile
@@ -324,10 +328,13 @@ class _Loop:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("{task.fields[stats]}"), console=self.console, disable=not self.main)
         with StopFlag() as stop, progress:
+            if st.step == 0 and not self._warm_start(stop):
+                return st.metrics
             task = progress.add_task("train", total=self.total_steps, completed=st.step, stats="")
             while st.epoch < cfg.optim.epochs and st.step < self.total_steps:
                 for xb in data_stream(eng.loader, st.epoch, st.batch_in_epoch):
-                    eng.step(xb, eng.recipe.beta(st.step, cfg.beta), st.step + 1)  # the step
+                    eng.step(xb, eng.recipe.beta(st.step, cfg.beta), st.step + 1,
+                             eng.recipe.aux_weight(st.step))  # the step
                     st.step += 1
                     st.batch_in_epoch += 1
                     eng.recipe.after_step(StepContext(st.step, st.epoch, eng.model, eng.optimizer, eng.train_images,
@@ -360,6 +367,22 @@ class _Loop:
             self.console.print(f"[green]done[/] in {time.perf_counter() - t_start:.0f}s. Outputs in {self.out}/: "
                                "metrics.jsonl, checkpoint.pt, config.json, recon.png, samples.png")
         return st.metrics
+
+    def _warm_start(self, stop: StopFlag) -> bool:
+        """The recipe's work before step 1 (the paper: none). False when a signal stopped it: its progress is then
+        in a checkpoint at step 0 and --resume continues it."""
+        eng = self.eng
+        ctx = WarmStartContext(eng.model, eng.train_images, eng.device, self.cfg.optim.batch_size, self.cfg.seed,
+                               self.console, should_stop=lambda: self._should_stop(stop, True))
+        with torch.random.fork_rng(devices=[eng.device] if eng.device.type == "cuda" else []):
+            eng.recipe.warm_start(ctx)  # draws from its own generators: the step's sampling noise is untouched
+        if not stop:
+            return True
+        self._checkpoint()
+        self.console.print(f"[yellow]stopped by {stop.name or 'a signal on another rank'}[/] before step 1; "
+                           f"checkpoint {self.last_ckpt or self.out / resume.LATEST}. Continue with the same command "
+                           "and --resume.")
+        return False
 
     def _should_stop(self, stop: StopFlag, logging: bool) -> bool:
         if not self.eng.info.enabled:

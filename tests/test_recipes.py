@@ -141,8 +141,8 @@ def test_cross_modal_agreement_is_high_for_shared_content_and_near_zero_otherwis
 
 # ----- the fast recipe -------------------------------------------------------------------------------------
 def test_fast_config_switches_and_errors():
-    assert FastRecipeConfig().active() == ["init", "refit", "prior-lr"]
-    assert FastRecipeConfig.from_flags("init").active() == []  # refit and prior-lr follow the fit
+    assert FastRecipeConfig().active() == ["contrast", "init", "refit", "prior-lr"]
+    assert FastRecipeConfig.from_flags("init,contrast").active() == []  # refit and prior-lr follow the fit
     everything = FastRecipeConfig.from_flags(enable=",".join(FAST_ELEMENTS))
     assert everything.active() == list(FAST_ELEMENTS)
     with pytest.raises(ValueError, match="--fast-disable.*'warmup'"):

@@ -231,3 +231,18 @@ def test_a_run_stopped_in_the_warm_start_resumes_it_and_matches(pd3, tmp_path, m
     b = torch.load(stopped / "checkpoint.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_convergence_benchmark_counts_the_warm_start_and_scores_its_model(pd3, tmp_path):
+    from bench.convergence import ConvergenceSettings, run_convergence
+
+    fast = FastRecipeConfig(contrast_steps=6, contrast_anneal_steps=2, min_steps=100)
+    s = ConvergenceSettings(dataset=str(pd3), recipes=["fast"], seeds=[0], budget_minutes=5, max_steps=4,
+                            eval_every_steps=2, prune_every=0, width=0.0625, clusters=4, batch_size=16, fast=fast,
+                            threads=1, out_dir=str(tmp_path))
+    run = json.loads(run_convergence(s, QUIET).read_text())["runs"][0]
+    assert run["active_elements"][0] == "contrast"
+    steps = [row["step"] for row in run["curve"]]
+    assert steps == [0, 0, 2, 4]  # before and after the warm start, then the CMVAE steps
+    assert 0 < run["curve"][1]["train_s"] <= run["curve"][2]["train_s"]
+    assert run["recipe_log"]["warm_start"]["done"] and run["recipe_log"]["warm_start"]["step"] == 6

@@ -34,7 +34,7 @@ def bench_convergence_command(
     batch_size: Annotated[int, Opt(help="Tuples per step.")] = 128,
     lr: Annotated[float, Opt(help="Adam learning rate.")] = 1e-3,
     beta: Annotated[float, Opt(help="Weight of the latent terms.")] = 2.5,
-    fast_disable: Annotated[str, Opt(help="`fast` elements to switch off: init,refit,prior-lr,beta-warmup,"
+    fast_disable: Annotated[str, Opt(help="`fast` elements to switch off: contrast,init,refit,prior-lr,beta-warmup,"
                                           "lr-scale.")] = "",
     fast_enable: Annotated[str, Opt(help="`fast` elements to switch on (those off by default).")] = "",
     fast_set: Annotated[str, Opt(help="`fast` settings, key=value,... (docs/recipes.md).")] = "",

@@ -32,10 +32,10 @@ def train_config(
     w_dim: Annotated[int, Opt(help="Private latent size Dw.")] = 32,
     family: Annotated[str, Opt(help="Latent family: laplace | normal.")] = "laplace",
     recipe: Annotated[str, Opt(help="paper (the reference procedure exactly) | fast (the same model and final "
-                                    "objective, the prior fitted to the representation once it has formed; "
-                                    "docs/recipes.md).")] = "paper",
-    fast_disable: Annotated[str, Opt(help="`fast` elements to switch off: init,refit,prior-lr,beta-warmup,lr-scale.")]
-    = "",
+                                    "objective; a contrastive warm start of z, then the prior fitted to the "
+                                    "representation; docs/recipes.md).")] = "paper",
+    fast_disable: Annotated[str, Opt(help="`fast` elements to switch off: contrast,init,refit,prior-lr,beta-warmup,"
+                                          "lr-scale.")] = "",
     fast_enable: Annotated[str, Opt(help="`fast` elements to switch on (those off by default).")] = "",
     fast_set: Annotated[str, Opt(help="`fast` settings, key=value,... (docs/recipes.md).")] = "",
     objective: Annotated[str, Opt(help="iwae (reference) | dreg (correct DReG).")] = "iwae",

@@ -40,3 +40,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="divisible by nproc 3"):
         TrainConfig(optim=OptimConfig(batch_size=32), nproc=3)
+
+
+def test_fast_recipe_warm_start_runs_on_every_rank_and_leaves_identical_replicas(tmp_path):
+    from engine.config import FastRecipeConfig
+
+    data = synth_polydigits(tmp_path / "pd3", n_modalities=3, n_train=64, n_valid=16, n_test=32, seed=0)
+    cfg = config(data, tmp_path / "two", 2)
+    cfg.recipe = "fast"
+    cfg.fast = FastRecipeConfig(contrast_steps=5, contrast_anneal_steps=3, min_steps=100)
+    # every checkpoint checks that the replicas are identical (the run fails otherwise)
+    assert train(cfg, Console(quiet=True))["step"] == 4
+    warm = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["recipe"]["warm_start"]
+    assert warm["done"] and warm["step"] == 5

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cmvae.clustering import z_posterior
 from cmvae.config import ModelConfig
 from cmvae.data import read_dataset, resolve_dataset
 from cmvae.distributions import rsample
@@ -34,7 +35,6 @@ from cmvae.model import CMVAE
 from cmvae.prune import assign_with, prune_latents
 from engine.checkpoint import atomic_write_bytes, atomic_write_json
 from engine.config import DataConfig, FastRecipeConfig, OptimConfig, StepConfig, TrainConfig
-from engine.fast_recipe import z_posterior
 from engine.kmeans import kmeans
 from engine.loaders import ResidentLoader, stack_modalities
 from engine.recipes import StepContext, build_recipe
@@ -229,8 +229,7 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
     opts = resolve_options(s.step, device)
     prepare_model(model, opts, device)
     opt = build_optimizer(recipe.param_groups(model, s.lr), s.lr, True, opts)
-    aux = recipe.aux_loss()
-    step_fn = TrainStep(LossModule(model, "iwae", 1, aux=aux), opt, opts, device, with_aux=aux is not None)
+    step_fn = TrainStep(LossModule(model, "iwae", 1, aux=recipe.aux_loss()), opt, opts, device)
     loader = ResidentLoader(splits.train, s.batch_size, seed=seed, drop_last=opts.compile, device=device)
     budget_s = s.budget_minutes * 60.0
     curve: list[dict] = []

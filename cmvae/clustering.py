@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cmvae.distributions import rsample
+from cmvae.distributions import rsample, scale_from_raw
 from cmvae.model import CMVAE
 
 
@@ -44,6 +44,26 @@ def encode_split(
     z = torch.cat(zs, dim=1)
     log_pz, resp, ent = model.cluster_posterior(z)
     return SplitLatents(z, log_pz, resp, ent)
+
+
+@torch.no_grad()
+def z_posterior(model: CMVAE, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of q_m(z | x_m), each [M, N, Dz], for uint8 images [M, N, C, H, W] on any device.
+
+    Runs the z towers only: half the encoder's work, and the whole of what clustering needs."""
+    device = model.prior_logits.device
+    locs, raws = [], []
+    for m, enc in enumerate(model.encoders):
+        parts = [enc.tower_z(to_float(images[m, s:s + batch_size].to(device, non_blocking=True)))
+                 for s in range(0, images.shape[1], batch_size)]
+        locs.append(torch.cat([p[0] for p in parts]))
+        raws.append(torch.cat([p[1] for p in parts]))
+    return torch.stack(locs).float(), scale_from_raw(torch.stack(raws).float(), model.config.family)
+
+
+def probe_means(model: CMVAE, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Posterior means of z [M, N, Dz] for uint8 images [M, N, C, H, W]."""
+    return z_posterior(model, images, batch_size)[0]
 
 
 def majority_vote(per_modality: torch.Tensor, n_clusters: int) -> torch.Tensor:

@@ -28,8 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cmvae.alignment import cross_modal_infonce
-from cmvae.clustering import to_float
-from cmvae.distributions import scale_from_raw
+from cmvae.clustering import probe_means  # called through this module's name: replaceable
 from cmvae.model import CMVAE, Posterior
 from engine.checkpoint import unwrap
 from engine.config import FastRecipeConfig
@@ -90,26 +89,6 @@ def cross_modal_agreement(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, t
             torch.stack([nmi(labels[i], labels[j], k) for i, j in idx]).mean())
 
 
-@torch.no_grad()
-def z_posterior(model: CMVAE, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loc, scale) of q_m(z | x_m), each [M, N, Dz], for uint8 images [M, N, C, H, W] on any device.
-
-    Runs the z towers only: half the encoder's work, and the whole of what clustering needs."""
-    device = model.prior_logits.device
-    locs, raws = [], []
-    for m, enc in enumerate(model.encoders):
-        parts = [enc.tower_z(to_float(images[m, s:s + batch_size].to(device, non_blocking=True)))
-                 for s in range(0, images.shape[1], batch_size)]
-        locs.append(torch.cat([p[0] for p in parts]))
-        raws.append(torch.cat([p[1] for p in parts]))
-    return torch.stack(locs).float(), scale_from_raw(torch.stack(raws).float(), model.config.family)
-
-
-def probe_means(model: CMVAE, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Posterior means of z [M, N, Dz] for uint8 images [M, N, C, H, W]."""
-    return z_posterior(model, images, batch_size)[0]
-
-
 class FastRecipe(Recipe):
     name = "fast"
 
@@ -154,10 +133,9 @@ class FastRecipe(Recipe):
         if self.warm is None or self.warm.done:
             return False
         if ctx.train_images is None:
-            if not self._warned:
-                ctx.console.print("[yellow]fast recipe:[/] this loader keeps no training images on the device; "
-                                  "the contrastive warm start is skipped (use --loader resident)")
-            self.warm.done, self.warm.step = True, -1  # -1: skipped; aux_weight stays 0
+            ctx.console.print("[yellow]fast recipe:[/] this loader keeps no training images on the device; "
+                              "the contrastive warm start is skipped (use --loader resident)")
+            self.warm.skip()
             return False
         self.warm.run(ctx)
         return True
@@ -174,9 +152,7 @@ class FastRecipe(Recipe):
         return contrast
 
     def aux_weight(self, step: int) -> float:
-        if self.warm is None or self.warm.step < 0:
-            return 0.0
-        return self.warm.weight(step)
+        return 0.0 if self.warm is None else self.warm.weight(step)
 
     def after_step(self, ctx: StepContext) -> None:
         c = self.cfg

@@ -185,8 +185,7 @@ class TrainStep:
     """One optimiser step on a uint8 batch; call it, then read `stats` at log intervals only."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, opts: StepOptions,
-                 device: torch.device, *, fullgraph: bool = True, annotate: bool = False, with_aux: bool = False):
-        """with_aux: the module takes the recipe's aux weight (LossModule built with `aux`)."""
+                 device: torch.device, *, fullgraph: bool = True, annotate: bool = False):
         self.optimizer = optimizer
         self.opts = opts
         self.device = device
@@ -205,7 +204,6 @@ class TrainStep:
             else None
         self.beta = torch.zeros((), device=device)
         self.aux_weight = torch.zeros((), device=device)
-        self.has_aux = with_aux
         self.stats = StepStats(device)
 
     def _range(self, name: str):
@@ -213,16 +211,13 @@ class TrainStep:
 
     def __call__(self, xb: torch.Tensor, beta: float, step: int, aux_weight: float = 0.0) -> None:
         """xb uint8 [M, B, C, H, W] on the device; `step` is the 1-based number of this step (for stats);
-        aux_weight weighs the recipe's extra term (if the module has one)."""
+        aux_weight weighs the recipe's extra term (if the LossModule has one)."""
         self.beta.fill_(beta)  # a device tensor: a changing beta neither syncs nor recompiles
         if self.opts.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self._range("forward"):
-            if self.has_aux:
-                self.aux_weight.fill_(aux_weight)
-                loss, bound_sum = self.forward(xb, self.beta, self.aux_weight)
-            else:
-                loss, bound_sum = self.forward(xb, self.beta)
+            self.aux_weight.fill_(aux_weight)  # like beta: a device tensor (LossModule ignores it without a term)
+            loss, bound_sum = self.forward(xb, self.beta, self.aux_weight)
         self.optimizer.zero_grad(set_to_none=True)
         with self._range("backward"):
             (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -167,12 +167,10 @@ def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.de
     recipe = build_recipe(cfg.recipe, cfg.fast)
     optimizer = build_optimizer(recipe.param_groups(model, cfg.optim.lr), cfg.optim.lr, cfg.optim.amsgrad, opts)
     # The loss is a sum over the batch; DDP averages gradients: scale by the world size to get the global sum.
-    aux = recipe.aux_loss()
-    module = distributed.wrap(LossModule(model, cfg.objective, cfg.n_samples, float(info.world_size), aux=aux),
-                              info, device)
+    module = distributed.wrap(LossModule(model, cfg.objective, cfg.n_samples, float(info.world_size),
+                                         aux=recipe.aux_loss()), info, device)
     hooks = cfg.objective == "dreg" and cfg.n_samples > 1  # DReG's gradient hooks break the graph
-    step = TrainStep(module, optimizer, opts, device, fullgraph=not (info.enabled or hooks), annotate=annotate,
-                     with_aux=aux is not None)
+    step = TrainStep(module, optimizer, opts, device, fullgraph=not (info.enabled or hooks), annotate=annotate)
 
     notes = []
     drop_last = cfg.data.drop_last or opts.compile

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from cmvae.alignment import cross_modal_infonce
-from cmvae.clustering import to_float
+from cmvae.clustering import probe_means, to_float
 from cmvae.model import CMVAE
 from engine.checkpoint import unwrap
 from engine.config import FastRecipeConfig
@@ -65,6 +65,8 @@ class ContrastWarmStart:
         self.cfg = cfg
         self.step = 0
         self.done = False
+        self.skipped = False
+        """No training images on the device (a streaming loader): nothing was trained and no term is added."""
         self.losses: list[tuple[int, float]] = []
         """(step, InfoNCE) every 50 warm-start steps: read on the host only then."""
         self.spread_before: list[float] = []
@@ -73,9 +75,12 @@ class ContrastWarmStart:
     def weight(self, step: int) -> float:
         """Weight of the InfoNCE term at CMVAE step `step` (0-based), in nats per tuple per unit of InfoNCE."""
         c = self.cfg
-        if not self.done or step >= c.contrast_anneal_steps:
+        if not self.done or self.skipped or step >= c.contrast_anneal_steps:
             return 0.0
         return c.contrast_weight * (1.0 - step / c.contrast_anneal_steps)
+
+    def skip(self) -> None:
+        self.done = self.skipped = True
 
     def run(self, ctx: WarmStartContext) -> None:
         if self.done:
@@ -120,25 +125,24 @@ class ContrastWarmStart:
     def _rescale(self, model: CMVAE, images: torch.Tensor, n_probe: int = 2048) -> None:
         """Centre each modality's posterior means and give them RMS spread `contrast_spread` per dimension, by
         an affine change of the loc head (loc = W h + b  ->  f (W h + b - mean))."""
-        x = images[:, :n_probe]
+        means = probe_means(model, images[:, :n_probe])  # [M, N, Dz]
         self.spread_before = []
-        for m, enc in enumerate(model.encoders):
+        for loc, enc in zip(means, model.encoders, strict=True):
             head = enc.tower_z.loc
-            loc = torch.cat([enc.tower_z(to_float(x[m, s:s + 512]))[0].float() for s in range(0, x.shape[1], 512)])
-            mean = loc.mean(0)
             spread = loc.var(0).mean().sqrt().clamp_min(1e-12)
             f = self.cfg.contrast_spread / spread
             head.weight.mul_(f.to(head.weight.dtype))
-            head.bias.copy_((head.bias - mean) * f)
+            head.bias.copy_((head.bias - loc.mean(0)) * f)
             self.spread_before.append(float(spread))
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "done": self.done, "losses": self.losses, "spread_before": self.spread_before,
-                "optimizer": self._opt_state}
+        return {"step": self.step, "done": self.done, "skipped": self.skipped, "losses": self.losses,
+                "spread_before": self.spread_before, "optimizer": self._opt_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", 0))
         self.done = bool(state.get("done", False))
+        self.skipped = bool(state.get("skipped", False))
         self.losses = [tuple(x) for x in state.get("losses", [])]
         self.spread_before = list(state.get("spread_before", []))
         self._opt_state = state.get("optimizer")

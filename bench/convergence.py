@@ -26,20 +26,20 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cmvae.clustering import z_posterior
-from cmvae.config import ModelConfig
-from cmvae.data import read_dataset, resolve_dataset
-from cmvae.distributions import rsample
-from cmvae.metrics import clustering_scores
-from cmvae.model import CMVAE
-from cmvae.prune import assign_with, prune_latents
-from engine.checkpoint import atomic_write_bytes, atomic_write_json
-from engine.config import DataConfig, FastRecipeConfig, OptimConfig, StepConfig, TrainConfig
-from engine.kmeans import kmeans
-from engine.loaders import ResidentLoader, stack_modalities
-from engine.recipes import StepContext, build_recipe
-from engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
-from engine.warm_start import WarmStartContext
+from cmvae_engine.cmvae.clustering import z_posterior
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
+from cmvae_engine.cmvae.distributions import rsample
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.prune import assign_with, prune_latents
+from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_json
+from cmvae_engine.engine.config import DataConfig, FastRecipeConfig, OptimConfig, StepConfig, TrainConfig
+from cmvae_engine.engine.kmeans import kmeans
+from cmvae_engine.engine.loaders import ResidentLoader, stack_modalities
+from cmvae_engine.engine.recipes import StepContext, build_recipe
+from cmvae_engine.engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.warm_start import WarmStartContext
 
 THRESHOLDS = (0.5, 0.8, 0.9)
 SCORED = ("nmi", "pruned_nmi")

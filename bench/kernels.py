@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from kernels import backends
-from kernels.image_nll import image_loglik_fused, image_loglik_ref
-from kernels.importance_weights import importance_weights_fused, importance_weights_ref
-from kernels.mixture_logpdf import mixture_logpdf_fused, mixture_logpdf_ref
-from kernels.moe_logq import moe_logq_fused, moe_logq_ref
+from cmvae_engine.kernels import backends
+from cmvae_engine.kernels.image_nll import image_loglik_fused, image_loglik_ref
+from cmvae_engine.kernels.importance_weights import importance_weights_fused, importance_weights_ref
+from cmvae_engine.kernels.mixture_logpdf import mixture_logpdf_fused, mixture_logpdf_ref
+from cmvae_engine.kernels.moe_logq import moe_logq_fused, moe_logq_ref
 
 OPS = ("mixture_logpdf", "moe_logq", "importance_weights", "image_loglik")
 BACKENDS = ("eager", "compile", "triton", "ext")
@@ -427,7 +427,7 @@ class BenchResult:
 def run(cases: list[Case], backend_names: list[str], device: torch.device, out_dir: Path,
         progress: Callable[[str], None] = lambda msg: None) -> BenchResult:
     """Benchmark every case on every backend; returns the rows (also written as JSON under out_dir)."""
-    from engine.checkpoint import atomic_write_json
+    from cmvae_engine.engine.checkpoint import atomic_write_json
 
     try:
         import triton

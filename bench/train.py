@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from bench.kernels import commit, device_name
-from engine.checkpoint import atomic_write_json
-from engine.config import StepConfig, TrainConfig
-from engine.profiling import PeakMemory, batches, measured_peak_tflops, step_flops, sync
-from engine.trainer import build_engine
+from cmvae_engine import kernels
+from cmvae_engine.bench.kernels import commit, device_name
+from cmvae_engine.engine.checkpoint import atomic_write_json
+from cmvae_engine.engine.config import StepConfig, TrainConfig
+from cmvae_engine.engine.profiling import PeakMemory, batches, measured_peak_tflops, step_flops, sync
+from cmvae_engine.engine.trainer import build_engine
 
 PAPER_EPOCHS, PAPER_TUPLES = 250, 60_000
 # Mean loss per tuple over the timed steps, optimised vs baseline: a guard against a fast path that trains

@@ -13,12 +13,12 @@ __all__ = ["CMVAE", "ModelConfig", "loss_fn"]
 
 def __getattr__(name: str) -> Any:
     if name == "CMVAE":
-        from cmvae.model import CMVAE
+        from cmvae_engine.cmvae.model import CMVAE
         return CMVAE
     if name == "ModelConfig":
-        from cmvae.config import ModelConfig
+        from cmvae_engine.cmvae.config import ModelConfig
         return ModelConfig
     if name == "loss_fn":
-        from cmvae.objectives import loss_fn
+        from cmvae_engine.cmvae.objectives import loss_fn
         return loss_fn
     raise AttributeError(f"module 'cmvae' has no attribute {name!r}")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cmvae.distributions import rsample, scale_from_raw
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.distributions import rsample, scale_from_raw
+from cmvae_engine.cmvae.model import CMVAE
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from cmvae.distributions import FAMILIES
+from cmvae_engine.cmvae.distributions import FAMILIES
 
 MODEL_KINDS = ("cmvae", "mmvaeplus")
 

@@ -6,25 +6,20 @@ per-call argument validation costs kernels and host syncs.
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-Family = Literal["laplace", "normal"]
-FAMILIES: tuple[str, ...] = ("laplace", "normal")
+from cmvae_engine.kernels.densities import (  # noqa: F401  (re-exported: the model's one import for densities)
+    FAMILIES,
+    LOG_2,
+    Family,
+    check_family,
+    log_prob,
+    log_prob_const_scale,
+)
 
-_LOG_2 = math.log(2.0)
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # Added to every scale as the reference does, so that a softmax underflow never gives a zero scale.
 SCALE_EPS = 1e-20
-
-
-def check_family(family: str) -> Family:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown distribution family {family!r}; expected one of {FAMILIES}")
-    return family  # type: ignore[return-value]
 
 
 def scale_from_raw(raw: torch.Tensor, family: Family) -> torch.Tensor:
@@ -36,20 +31,6 @@ def scale_from_raw(raw: torch.Tensor, family: Family) -> torch.Tensor:
     if family == "laplace":
         return F.softmax(raw, dim=-1) * raw.shape[-1] + SCALE_EPS
     return F.softplus(raw) + SCALE_EPS
-
-
-def log_prob(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, family: Family) -> torch.Tensor:
-    """Element-wise log-density (no reduction)."""
-    if family == "laplace":
-        return -torch.log(2.0 * scale) - (x - loc).abs() / scale
-    return -torch.log(scale) - _HALF_LOG_2PI - 0.5 * ((x - loc) / scale) ** 2
-
-
-def log_prob_const_scale(x: torch.Tensor, loc: torch.Tensor, scale: float, family: Family) -> torch.Tensor:
-    """Element-wise log-density for a Python-float scale (image likelihoods, fixed priors)."""
-    if family == "laplace":
-        return -(x - loc).abs() / scale - math.log(2.0 * scale)
-    return -0.5 * ((x - loc) / scale) ** 2 - math.log(scale) - _HALF_LOG_2PI
 
 
 def rsample(
@@ -74,4 +55,4 @@ def rsample(
 def fixed_scale(family: Family, dim: int) -> float:
     """The fixed prior scale of the reference: Laplace softmax(0)*D = 1, Normal softplus(0) = log 2."""
     del dim  # the Laplace rule gives 1 whatever the dimension
-    return 1.0 if family == "laplace" else _LOG_2
+    return 1.0 if family == "laplace" else LOG_2

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.model import CMVAE
 
 
 def cluster_order(model: CMVAE) -> list[int]:

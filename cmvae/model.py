@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from cmvae.config import ModelConfig
-from cmvae.distributions import fixed_scale, rsample, scale_from_raw
-from cmvae.networks import Decoder, Encoder
+from cmvae_engine import kernels
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.distributions import fixed_scale, rsample, scale_from_raw
+from cmvae_engine.cmvae.networks import Decoder, Encoder
 
 
 @dataclass

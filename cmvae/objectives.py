@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from cmvae.distributions import log_prob, log_prob_const_scale
-from cmvae.model import CMVAE, Latents, Posterior
+from cmvae_engine import kernels
+from cmvae_engine.cmvae.distributions import log_prob, log_prob_const_scale
+from cmvae_engine.cmvae.model import CMVAE, Latents, Posterior
 
 OBJECTIVES = ("iwae", "dreg")
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmvae.clustering import majority_vote, to_float
-from cmvae.distributions import log_prob, rsample
-from cmvae.metrics import clustering_scores
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.clustering import majority_vote, to_float
+from cmvae_engine.cmvae.distributions import log_prob, rsample
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE
 
 ENTROPY_NORMS = ("initial", "active")
 ASSIGN_RULES = ("vote", "confidence")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from cmvae.config import ModelConfig
-from cmvae.objectives import OBJECTIVES
-from engine.loaders import DEFAULT_SHUFFLE_BUFFER, LOADERS
-from kernels import BACKENDS as KERNEL_BACKENDS
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.objectives import OBJECTIVES
+from cmvae_engine.engine.loaders import DEFAULT_SHUFFLE_BUFFER, LOADERS
+from cmvae_engine.kernels import BACKENDS as KERNEL_BACKENDS
 
 
 @dataclass

@@ -133,7 +133,7 @@ def launch(cfg_dict: dict, nproc: int) -> tuple[int, int | None]:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps(cfg_dict))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "engine.distributed", str(cfg_path)]
+               "-m", "cmvae_engine.engine.distributed", str(cfg_path)]
         proc = subprocess.Popen(cmd)
         received: list[int] = []
 
@@ -151,8 +151,8 @@ def launch(cfg_dict: dict, nproc: int) -> tuple[int, int | None]:
 
 
 def _worker(cfg_path: str) -> None:
-    from engine.config import TrainConfig
-    from engine.trainer import train
+    from cmvae_engine.engine.config import TrainConfig
+    from cmvae_engine.engine.trainer import train
 
     train(TrainConfig.from_dict(json.loads(Path(cfg_path).read_text())))
 

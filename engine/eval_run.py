@@ -12,22 +12,22 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cmvae.data import read_dataset, resolve_dataset
-from cmvae.data.resolve import KNOWN_NAMES
-from cmvae.evaluation.classifier import (
+from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
+from cmvae_engine.cmvae.data.resolve import KNOWN_NAMES
+from cmvae_engine.cmvae.evaluation.classifier import (
     OWN_DIR,
     PRETRAINED_DIR,
     ClassifierSet,
     find_classifiers,
     load_classifier_folder,
 )
-from cmvae.evaluation.clustering import clustering_evaluation
-from cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
-from cmvae.evaluation.latent_probe import latent_classification, subsample
-from engine.checkpoint import atomic_write_json
-from engine.loaders import stack_modalities
-from engine.run import LoadedRun, load_run
-from engine.trainer import resolve_device
+from cmvae_engine.cmvae.evaluation.clustering import clustering_evaluation
+from cmvae_engine.cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
+from cmvae_engine.cmvae.evaluation.latent_probe import latent_classification, subsample
+from cmvae_engine.engine.checkpoint import atomic_write_json
+from cmvae_engine.engine.loaders import stack_modalities
+from cmvae_engine.engine.run import LoadedRun, load_run
+from cmvae_engine.engine.trainer import resolve_device
 
 PRUNED = "pruned.pt"
 CHECKPOINT = "checkpoint.pt"
@@ -160,7 +160,7 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
         notes.append("latent classification skipped: the train and evaluated splits need labels")
     fid_net, fid_images, fid_weights = None, None, None
     if cfg.fid:
-        from cmvae.evaluation import fid as fid_mod  # imports torchvision: only when asked for
+        from cmvae_engine.cmvae.evaluation import fid as fid_mod  # imports torchvision: only when asked for
 
         fid_split = ds.split(cfg.fid_split or cfg.split)
         n_real = min(cfg.n_fid, fid_split.n)

@@ -27,14 +27,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from cmvae.alignment import cross_modal_infonce
-from cmvae.clustering import probe_means  # called through this module's name: replaceable
-from cmvae.model import CMVAE, Posterior
-from engine.checkpoint import unwrap
-from engine.config import FastRecipeConfig
-from engine.kmeans import kmeans
-from engine.recipes import Recipe, StepContext
-from engine.warm_start import ContrastWarmStart, WarmStartContext
+from cmvae_engine.cmvae.alignment import cross_modal_infonce
+from cmvae_engine.cmvae.clustering import probe_means  # called through this module's name: replaceable
+from cmvae_engine.cmvae.model import CMVAE, Posterior
+from cmvae_engine.engine.checkpoint import unwrap
+from cmvae_engine.engine.config import FastRecipeConfig
+from cmvae_engine.engine.kmeans import kmeans
+from cmvae_engine.engine.recipes import Recipe, StepContext
+from cmvae_engine.engine.warm_start import ContrastWarmStart, WarmStartContext
 
 PRIOR_PARAMS = ("prior_logits", "prior_loc", "prior_raw_scale")
 # Seeds the probe subset and k-means; a constant so that every rank of a data-parallel run draws the same.

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from cmvae.clustering import to_float
-from cmvae.generation import cluster_grid, cluster_order, conditional_grid, unconditional_grid
-from engine.checkpoint import atomic_write_json
-from engine.images import save_grid
-from engine.prune_run import load_split, model_checkpoint
-from engine.run import load_run
+from cmvae_engine.cmvae.clustering import to_float
+from cmvae_engine.cmvae.generation import cluster_grid, cluster_order, conditional_grid, unconditional_grid
+from cmvae_engine.engine.checkpoint import atomic_write_json
+from cmvae_engine.engine.images import save_grid
+from cmvae_engine.engine.prune_run import load_split, model_checkpoint
+from cmvae_engine.engine.run import load_run
 
 MANIFEST = "generate.json"
 
@@ -38,7 +38,7 @@ def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None,
                  seed: int = 0, device: str = "auto", data_root: str | Path | None = None,
                  console: Console | None = None) -> dict:
     """Write the grids; returns the manifest (also saved as OUT/generate.json)."""
-    from engine.trainer import resolve_device
+    from cmvae_engine.engine.trainer import resolve_device
 
     console = console or Console()
     if n < 1:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.checkpoint import atomic_write_bytes
+from cmvae_engine.engine.checkpoint import atomic_write_bytes
 
 
 def grid_array(images: torch.Tensor, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:

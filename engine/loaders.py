@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import read_dataset
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import read_dataset
 
 LOADERS = ("resident", "files", "webdataset", "dali")
 DEFAULT_SHUFFLE_BUFFER = 4096
@@ -256,12 +256,12 @@ def make_loader(kind: str, *, dataset_root: Path, split: str = "train", images: 
     if kind == "files":
         return FilesLoader(dataset_root, split, workers=workers, shuffle=shuffle, **common)
     if kind == "webdataset":
-        from engine.loaders_wds import WebDatasetLoader
+        from cmvae_engine.engine.loaders_wds import WebDatasetLoader
 
         return WebDatasetLoader(shard_dir or Path(dataset_root) / "shards", split, workers=workers,
                                 shuffle=shuffle, shuffle_buffer=shuffle_buffer, **common)
     if kind == "dali":
-        from engine.loaders_dali import DaliLoader
+        from cmvae_engine.engine.loaders_dali import DaliLoader
 
         return DaliLoader(dataset_root=dataset_root, split=split, shard_dir=shard_dir, workers=workers,
                           shuffle=shuffle, shuffle_buffer=shuffle_buffer, **common)

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import read_dataset
-from engine.loaders import DEFAULT_SHUFFLE_BUFFER, BatchPlan, check_world, global_order
-from engine.shards import read_index
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import read_dataset
+from cmvae_engine.engine.loaders import DEFAULT_SHUFFLE_BUFFER, BatchPlan, check_world, global_order
+from cmvae_engine.engine.shards import read_index
 
 INSTALL_HINT = ("install NVIDIA DALI: pip install 'cmvae-engine[dali]' (nvidia-dali-cuda130, Linux x86_64; "
                 "for other CUDA versions see the DALI install guide), or use --loader resident|files|webdataset")

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from cmvae.data.errors import DataError
-from engine.loaders import DEFAULT_SHUFFLE_BUFFER, check_world, global_order
-from engine.shards import ShardEntry, ShardIndex, decode_sample, iter_shard, read_index, require_webdataset
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.engine.loaders import DEFAULT_SHUFFLE_BUFFER, check_world, global_order
+from cmvae_engine.engine.shards import ShardEntry, ShardIndex, decode_sample, iter_shard, read_index, require_webdataset
 
 Item = tuple[ShardEntry, int, dict]
 

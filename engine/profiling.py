@@ -16,11 +16,11 @@ import torch
 from rich.console import Console
 from torch.profiler import ProfilerActivity, record_function
 
-from cmvae.config import ModelConfig
-from cmvae.networks import macs_per_sample
-from engine.checkpoint import atomic_write_bytes, atomic_write_text
-from engine.config import TrainConfig
-from engine.trainer import Engine, build_engine, data_stream
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.networks import macs_per_sample
+from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.trainer import Engine, build_engine, data_stream
 
 # Host-side events that make the host wait for the device, and device copies towards the host.
 CUDA_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")

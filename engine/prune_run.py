@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmvae.data import read_dataset, resolve_dataset
-from cmvae.metrics import clustering_scores
-from cmvae.model import CMVAE
-from cmvae.prune import (
+from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.prune import (
     PruneResult,
     apply_pruning,
     assign_with,
@@ -31,10 +31,10 @@ from cmvae.prune import (
     draw_latents,
     prune_latents,
 )
-from engine.checkpoint import atomic_write_bytes, atomic_write_json, save_checkpoint
-from engine.config import TrainConfig
-from engine.loaders import stack_modalities
-from engine.run import load_run
+from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_json, save_checkpoint
+from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.loaders import stack_modalities
+from cmvae_engine.engine.run import load_run
 
 PRUNED_CHECKPOINT = "pruned.pt"
 
@@ -151,7 +151,7 @@ def prune_run(run_dir: str | Path, *, entropy_norm: str = "initial", assign: str
               device: str = "auto", seed: int = 0, batch_size: int = 512, threads: int | None = None,
               data_root: str | Path | None = None, console: Console | None = None) -> dict:
     """Select clusters for a trained run; writes prune.json, prune.png and pruned.pt and returns the JSON."""
-    from engine.trainer import resolve_device  # the trainer's imports are heavy; only needed here
+    from cmvae_engine.engine.trainer import resolve_device  # the trainer's imports are heavy; only needed here
 
     console = console or Console()
     check_options(entropy_norm, assign)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 
-from cmvae.model import CMVAE, Posterior
-from engine.config import FastRecipeConfig
-from engine.warm_start import WarmStartContext
+from cmvae_engine.cmvae.model import CMVAE, Posterior
+from cmvae_engine.engine.config import FastRecipeConfig
+from cmvae_engine.engine.warm_start import WarmStartContext
 
 
 @dataclass
@@ -76,7 +76,7 @@ def build_recipe(name: str, fast: FastRecipeConfig | None = None) -> Recipe:
     if name == "paper":
         return Recipe()
     if name == "fast":
-        from engine.fast_recipe import FastRecipe  # imports this module: resolved at call time
+        from cmvae_engine.engine.fast_recipe import FastRecipe  # imports this module: resolved at call time
 
         return FastRecipe(fast)
     raise ValueError(f"unknown recipe {name!r} (--recipe); expected one of {', '.join(RECIPES)}")

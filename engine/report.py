@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import atomic_write_text
+from cmvae_engine.engine.checkpoint import atomic_write_text
 
 EVAL_SECTIONS = {
     "clustering": ("Clustering", "NMI, ARI and ACC (Hungarian matching) of the cluster assignment against the "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, unwrap
+from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, unwrap
 
 LATEST = "checkpoint.pt"
 METRICS = "metrics.jsonl"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from cmvae.model import CMVAE
-from engine.checkpoint import load_checkpoint
-from engine.config import TrainConfig
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.engine.checkpoint import load_checkpoint
+from cmvae_engine.engine.config import TrainConfig
 
 
 @dataclass

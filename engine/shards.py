@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import read_dataset
-from engine.checkpoint import atomic_write_bytes, atomic_write_json
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import read_dataset
+from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_json
 
 INDEX_FORMAT = "cmvae-engine-shards"
 INDEX_VERSION = 1

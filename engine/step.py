@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from cmvae.clustering import to_float
-from cmvae.model import CMVAE, Posterior
-from cmvae.objectives import loss_fn
-from engine.config import StepConfig
+from cmvae_engine.cmvae.clustering import to_float
+from cmvae_engine.cmvae.model import CMVAE, Posterior
+from cmvae_engine.cmvae.objectives import loss_fn
+from cmvae_engine.engine.config import StepConfig
 
 AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

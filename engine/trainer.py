@@ -17,22 +17,22 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-import kernels
-from cmvae.clustering import assign_clusters, encode_split, to_float
-from cmvae.data import read_dataset, resolve_dataset
-from cmvae.metrics import clustering_scores
-from cmvae.model import CMVAE
-from cmvae.objectives import loss_fn
-from engine import distributed, resume
-from engine.checkpoint import atomic_write_json
-from engine.config import TrainConfig
-from engine.distributed import DistInfo
-from engine.images import save_grid
-from engine.loaders import Loader, make_loader, stack_modalities
-from engine.recipes import Recipe, StepContext, build_recipe
-from engine.signals import StopFlag
-from engine.step import LossModule, StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
-from engine.warm_start import WarmStartContext
+from cmvae_engine import kernels
+from cmvae_engine.cmvae.clustering import assign_clusters, encode_split, to_float
+from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.objectives import loss_fn
+from cmvae_engine.engine import distributed, resume
+from cmvae_engine.engine.checkpoint import atomic_write_json
+from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.distributed import DistInfo
+from cmvae_engine.engine.images import save_grid
+from cmvae_engine.engine.loaders import Loader, make_loader, stack_modalities
+from cmvae_engine.engine.recipes import Recipe, StepContext, build_recipe
+from cmvae_engine.engine.signals import StopFlag
+from cmvae_engine.engine.step import LossModule, StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.warm_start import WarmStartContext
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from cmvae.alignment import cross_modal_infonce
-from cmvae.clustering import probe_means, to_float
-from cmvae.model import CMVAE
-from engine.checkpoint import unwrap
-from engine.config import FastRecipeConfig
+from cmvae_engine.cmvae.alignment import cross_modal_infonce
+from cmvae_engine.cmvae.clustering import probe_means, to_float
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.engine.checkpoint import unwrap
+from cmvae_engine.engine.config import FastRecipeConfig
 
 # Seeds the warm start's batches (with the run's seed and the step, so that a resumed warm start draws the same).
 _WARM_SEED = 7_700_417

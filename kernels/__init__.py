@@ -4,7 +4,7 @@ Model code calls these functions, never a backend. Every op has a plain-torch re
 defines its math; faster backends are checked against it.
 """
 
-from kernels.dispatch import (
+from cmvae_engine.kernels.dispatch import (
     BACKENDS,
     active_backend,
     get_backend,

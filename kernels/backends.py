@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable
 from types import ModuleType
 
-from kernels._triton import HAS_TRITON, INTERPRETING
+from cmvae_engine.kernels._triton import HAS_TRITON, INTERPRETING
 
 OPS = ("mixture_logpdf", "moe_logq", "importance_weights", "image_loglik")
 
@@ -21,7 +21,7 @@ OPS = ("mixture_logpdf", "moe_logq", "importance_weights", "image_loglik")
 @functools.cache
 def _extension_module() -> tuple[ModuleType | None, str]:
     try:
-        return importlib.import_module("kernels.extension"), ""
+        return importlib.import_module("cmvae_engine.kernels.extension"), ""
     except ImportError as e:
         return None, f"kernels.extension cannot be imported ({e})"
 

@@ -16,18 +16,18 @@ import os
 
 import torch
 
-from cmvae.distributions import Family
-from kernels import backends
-from kernels.image_nll import image_loglik_fused, image_loglik_ref
-from kernels.importance_weights import importance_weights_fused, importance_weights_ref
-from kernels.mixture_logpdf import mixture_logpdf_fused, mixture_logpdf_ref
-from kernels.moe_logq import moe_logq_fused, moe_logq_ref
+from cmvae_engine.kernels import backends
+from cmvae_engine.kernels.densities import Family
+from cmvae_engine.kernels.image_nll import image_loglik_fused, image_loglik_ref
+from cmvae_engine.kernels.importance_weights import importance_weights_fused, importance_weights_ref
+from cmvae_engine.kernels.mixture_logpdf import mixture_logpdf_fused, mixture_logpdf_ref
+from cmvae_engine.kernels.moe_logq import moe_logq_fused, moe_logq_ref
 
 BACKENDS = ("auto", "torch", "triton", "ext")
 ENV_VAR = "CMVAE_KERNELS"
 _DEVICE_TYPES = ("cpu", "cuda")
 
-log = logging.getLogger("cmvae.kernels")
+log = logging.getLogger("cmvae_engine.kernels")
 _logged: set[str] = set()
 _requested = "auto"
 # device type -> the concrete backend, or an error message when the requested backend cannot serve it.

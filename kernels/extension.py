@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import extension_build as _eb
+from cmvae_engine.kernels import extension_build as _eb
 
 _lock = threading.Lock()
 _loaded: Path | None = None

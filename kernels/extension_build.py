@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import atomic_write_json, atomic_write_text
-
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 CSRC_DIR = SOURCE_DIR / "kernels" / "csrc"
 BUILD_DIR = SOURCE_DIR / "kernels" / "_build"
@@ -31,6 +29,18 @@ STAMP_FILE = "stamp.json"  # what the library was built from: sources hash, torc
 CONFIGURE_FILE = "configure.json"  # the CMake arguments the folder is configured with
 ERROR_FILE = "last_error.txt"
 CUDA_MODES = ("auto", "on", "off")
+
+
+def _write_file(path: Path, text: str) -> None:
+    """Replace path atomically (temp file + os.replace): a killed build never leaves half a stamp. The ops floor
+    imports nothing from the engine, so this small writer is its own."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict | list) -> None:
+    _write_file(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class BuildError(RuntimeError):
@@ -181,7 +191,7 @@ def _configure_and_build(cmake: str, build_dir: Path, args: list[str], *, target
     (build_dir / STAMP_FILE).unlink(missing_ok=True)
     if not configured:
         _run([cmake, "-S", str(SOURCE_DIR), "-B", str(build_dir), *args], verbose)
-        atomic_write_json(build_dir / CONFIGURE_FILE, args)
+        _write_json(build_dir / CONFIGURE_FILE, args)
     cmd = [cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)]
     _run(cmd + (["--target", target] if target else []), verbose)
 
@@ -207,10 +217,10 @@ def build_library(*, verbose: bool = False, cuda: str = "auto", cuda_arch: str =
             if not path.is_file():
                 raise BuildError(f"the build finished without producing {path}")
         except BuildError as e:
-            atomic_write_text(error_file, f"{e}\n")
+            _write_file(error_file, f"{e}\n")
             raise
         error_file.unlink(missing_ok=True)
-        atomic_write_json(build_dir / STAMP_FILE, {"torch": torch.__version__, "sources": digest,
+        _write_json(build_dir / STAMP_FILE, {"torch": torch.__version__, "sources": digest,
                                                    "cuda_torch": torch.version.cuda})
         return path
 

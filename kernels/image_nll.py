@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from cmvae.distributions import Family, check_family, log_prob_const_scale
-from kernels import backends
-from kernels._triton import INTERPRETING, jit, next_pow2, tl, triton
+from cmvae_engine.kernels import backends
+from cmvae_engine.kernels._triton import INTERPRETING, jit, next_pow2, tl, triton
+from cmvae_engine.kernels.densities import Family, check_family, log_prob_const_scale
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # Pixels per program step: 1024 is 8 per thread at 4 warps; the interpreter takes whole rows at once.

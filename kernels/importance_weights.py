@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from kernels import backends
-from kernels._triton import INTERPRETING, jit, next_pow2, row_block, tl, triton
+from cmvae_engine.kernels import backends
+from cmvae_engine.kernels._triton import INTERPRETING, jit, next_pow2, row_block, tl, triton
 
 # Elements of one [BLOCK_S, BLOCK_B] tile of lw (b is the contiguous axis); larger under the interpreter.
 _TILE = 65536 if INTERPRETING else 4096

@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from cmvae.distributions import Family, check_family, log_prob
-from kernels import backends
-from kernels._triton import INTERPRETING, jit, next_pow2, row_block, tl, triton
+from cmvae_engine.kernels import backends
+from cmvae_engine.kernels._triton import INTERPRETING, jit, next_pow2, row_block, tl, triton
+from cmvae_engine.kernels.densities import Family, check_family, log_prob
 
 _LOG_2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from cmvae.distributions import Family, check_family, log_prob
-from kernels import backends
-from kernels._triton import INTERPRETING, jit, next_pow2, row_block, tl, triton
+from cmvae_engine.kernels import backends
+from cmvae_engine.kernels._triton import INTERPRETING, jit, next_pow2, row_block, tl, triton
+from cmvae_engine.kernels.densities import Family, check_family, log_prob
 
 # Elements of the [BLOCK_B, BLOCK_E, BLOCK_D] tile; the backward keeps five of them live. The interpreter
 # runs tile operations as numpy calls and gets larger tiles (see kernels/mixture_logpdf.py).

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bench.convergence import THRESHOLDS, ConvergenceSettings, first_crossings, run_convergence
-from cmvae.data import synth_polydigits
-from engine.cli import app
-from engine.config import FastRecipeConfig
+from cmvae_engine.bench.convergence import THRESHOLDS, ConvergenceSettings, first_crossings, run_convergence
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.engine.cli import app
+from cmvae_engine.engine.config import FastRecipeConfig
 
 
 @pytest.fixture(scope="module")

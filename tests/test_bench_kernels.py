@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench import kernels as bench
-from engine.cli import app
+from cmvae_engine.bench import kernels as bench
+from cmvae_engine.engine.cli import app
 
 FIELDS = {"op", "backend", "mode", "shape", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_gbps", "peak_mem_mb",
           "device", "torch", "triton", "commit", "time", "skipped"}

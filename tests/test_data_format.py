@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cmvae.data import DataError, MultimodalSplit, read_dataset, write_dataset
-from cmvae.data import format as fmt
-from engine.cli.data_cmd import data_app
+from cmvae_engine.cmvae.data import DataError, MultimodalSplit, read_dataset, write_dataset
+from cmvae_engine.cmvae.data import format as fmt
+from cmvae_engine.engine.cli.data_cmd import data_app
 
 N = {"train": 6, "valid": 4, "test": 5}
 M = 3

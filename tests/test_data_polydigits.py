@@ -13,10 +13,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
-from cmvae.data import DataError, default_data_root, make_polydigits_splits, read_dataset, resolve_dataset
-from cmvae.data import polydigits as pd
-from cmvae.data import resolve as rs
-from engine.cli.data_cmd import data_app
+from cmvae_engine.cmvae.data import DataError, default_data_root, make_polydigits_splits, read_dataset, resolve_dataset
+from cmvae_engine.cmvae.data import polydigits as pd
+from cmvae_engine.cmvae.data import resolve as rs
+from cmvae_engine.engine.cli.data_cmd import data_app
 
 SIZES = {"n_train": 200, "n_valid": 50, "n_test": 100}
 TARGETS = load_digits().target
@@ -142,7 +142,7 @@ def test_synth_writes_manifest_with_generator(tmp_path: Path) -> None:
 
 
 def test_resolve_synthesises_once_and_again_when_parameters_change(tmp_path, small_defaults, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="cmvae.data.resolve"):
+    with caplog.at_level(logging.INFO, logger="cmvae_engine.cmvae.data.resolve"):
         path = resolve_dataset("polydigits", data_root=tmp_path)
         assert path == tmp_path / "polydigits" and read_dataset(path).split("train").n == 30
         assert resolve_dataset("polydigits", data_root=tmp_path) == path

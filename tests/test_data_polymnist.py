@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cmvae.data import DataError, convert_polymnist, read_dataset, read_polymnist, resolve_dataset
-from engine.cli.data_cmd import data_app
+from cmvae_engine.cmvae.data import DataError, convert_polymnist, read_dataset, read_polymnist, resolve_dataset
+from cmvae_engine.engine.cli.data_cmd import data_app
 
 M = 3
 N_TRAIN, N_TEST = 20, 6
@@ -118,7 +118,7 @@ def test_cli_convert(raw, tmp_path: Path) -> None:
 def test_resolve_converts_raw_polymnist_once(raw, caplog) -> None:
     src, _ = raw
     root = src.parent
-    with caplog.at_level(logging.INFO, logger="cmvae.data.resolve"):
+    with caplog.at_level(logging.INFO, logger="cmvae_engine.cmvae.data.resolve"):
         path = resolve_dataset("polymnist", data_root=root)
         assert path == root / "polymnist" and read_dataset(path).name == "polymnist"
         assert resolve_dataset("polymnist", data_root=root) == path

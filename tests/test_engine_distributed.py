@@ -7,11 +7,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from cmvae.config import ModelConfig
-from cmvae.data import synth_polydigits
-from engine.checkpoint import load_checkpoint
-from engine.config import DataConfig, OptimConfig, TrainConfig
-from engine.trainer import train
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.engine.checkpoint import load_checkpoint
+from cmvae_engine.engine.config import DataConfig, OptimConfig, TrainConfig
+from cmvae_engine.engine.trainer import train
 
 
 def config(data, out, nproc: int) -> TrainConfig:
@@ -43,7 +43,7 @@ def test_global_batch_must_split_evenly():
 
 
 def test_fast_recipe_warm_start_runs_on_every_rank_and_leaves_identical_replicas(tmp_path):
-    from engine.config import FastRecipeConfig
+    from cmvae_engine.engine.config import FastRecipeConfig
 
     data = synth_polydigits(tmp_path / "pd3", n_modalities=3, n_train=64, n_valid=16, n_test=32, seed=0)
     cfg = config(data, tmp_path / "two", 2)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmvae.data import synth_polydigits
-from engine.cli import app
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.engine.cli import app
 
 TINY = ["--width", "0.0625", "-k", "4", "--z-dim", "8", "--w-dim", "4", "--batch-size", "32", "--seed", "3"]
 

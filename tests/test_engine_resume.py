@@ -9,13 +9,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from cmvae.config import ModelConfig
-from cmvae.data import synth_polydigits
-from engine import trainer
-from engine.checkpoint import load_checkpoint
-from engine.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
-from engine.recipes import Recipe
-from engine.run import load_run
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.engine import trainer
+from cmvae_engine.engine.checkpoint import load_checkpoint
+from cmvae_engine.engine.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from cmvae_engine.engine.recipes import Recipe
+from cmvae_engine.engine.run import load_run
 
 QUIET = Console(quiet=True)
 
@@ -137,7 +137,7 @@ def test_resume_refuses_a_different_model_and_a_missing_run(data, tmp_path, unin
 def test_cli_resume_takes_the_saved_settings(data, tmp_path):
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from cmvae_engine.engine.cli import app
 
     out = str(tmp_path / "run")
     tiny = ["--width", "0.0625", "-k", "4", "--z-dim", "8", "--w-dim", "4", "--batch-size", "32", "--eval-every", "0"]

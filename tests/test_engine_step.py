@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cmvae.config import ModelConfig
-from cmvae.data import synth_polydigits
-from cmvae.model import CMVAE
-from engine.config import DataConfig, OptimConfig, StepConfig, TrainConfig
-from engine.profiling import count_syncs
-from engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
-from engine.trainer import train
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.engine.config import DataConfig, OptimConfig, StepConfig, TrainConfig
+from cmvae_engine.engine.profiling import count_syncs
+from cmvae_engine.engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.trainer import train
 
 CPU = torch.device("cpu")
 

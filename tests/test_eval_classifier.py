@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from cmvae.data import read_dataset, synth_polydigits
-from cmvae.evaluation.classifier import (
+from cmvae_engine.cmvae.data import read_dataset, synth_polydigits
+from cmvae_engine.cmvae.evaluation.classifier import (
     DigitClassifier,
     accuracy,
     find_classifiers,
@@ -19,7 +19,7 @@ from cmvae.evaluation.classifier import (
     train_classifier,
     train_classifier_set,
 )
-from engine.cli import app
+from cmvae_engine.engine.cli import app
 
 REFERENCE_KEYS = ["encoder.0.weight", "encoder.0.bias", "encoder.3.weight", "encoder.3.bias",
                   "encoder.7.weight", "encoder.7.bias", "encoder.10.weight", "encoder.10.bias"]

@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from cmvae.evaluation import fid
+from cmvae_engine.cmvae.evaluation import fid
 
 
 @pytest.fixture(autouse=True)

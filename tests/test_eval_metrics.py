@@ -10,8 +10,8 @@ import scipy.linalg
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from cmvae.evaluation.fid import GaussianStats, fid_from_features, frechet_distance
-from cmvae.metrics import cluster_acc, clustering_scores
+from cmvae_engine.cmvae.evaluation.fid import GaussianStats, fid_from_features, frechet_distance
+from cmvae_engine.cmvae.metrics import cluster_acc, clustering_scores
 
 
 def table(labels, clusters):

@@ -10,21 +10,21 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from cmvae.clustering import assign_clusters, encode_split
-from cmvae.config import ModelConfig
-from cmvae.data import read_dataset, synth_polydigits
-from cmvae.evaluation.classifier import ClassifierSet, DigitClassifier, train_classifier_set
-from cmvae.evaluation.clustering import clustering_evaluation
-from cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
-from cmvae.evaluation.latent_probe import latent_classification, probe_accuracy
-from cmvae.metrics import clustering_scores
-from engine.cli import app
-from engine.cli.classifiers_cmd import write_classifier_folder
-from engine.config import DataConfig, OptimConfig, TrainConfig
-from engine.eval_run import EvalConfig, run_eval
-from engine.loaders import stack_modalities
-from engine.run import load_run
-from engine.trainer import train
+from cmvae_engine.cmvae.clustering import assign_clusters, encode_split
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import read_dataset, synth_polydigits
+from cmvae_engine.cmvae.evaluation.classifier import ClassifierSet, DigitClassifier, train_classifier_set
+from cmvae_engine.cmvae.evaluation.clustering import clustering_evaluation
+from cmvae_engine.cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
+from cmvae_engine.cmvae.evaluation.latent_probe import latent_classification, probe_accuracy
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.engine.cli import app
+from cmvae_engine.engine.cli.classifiers_cmd import write_classifier_folder
+from cmvae_engine.engine.config import DataConfig, OptimConfig, TrainConfig
+from cmvae_engine.engine.eval_run import EvalConfig, run_eval
+from cmvae_engine.engine.loaders import stack_modalities
+from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def no_network(monkeypatch):
 
 
 def test_eval_fid_end_to_end(tiny_run, tmp_path, no_network, monkeypatch):
-    from cmvae.evaluation import fid
+    from cmvae_engine.cmvae.evaluation import fid
 
     run_dir, data = tiny_run
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

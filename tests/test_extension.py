@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import extension
-from kernels import extension_build as eb
-from kernels.image_nll import image_loglik_ref
-from kernels.importance_weights import importance_weights_ref
-from kernels.mixture_logpdf import mixture_logpdf_ref
-from kernels.moe_logq import moe_logq_ref
+from cmvae_engine.kernels import extension
+from cmvae_engine.kernels import extension_build as eb
+from cmvae_engine.kernels.image_nll import image_loglik_ref
+from cmvae_engine.kernels.importance_weights import importance_weights_ref
+from cmvae_engine.kernels.mixture_logpdf import mixture_logpdf_ref
+from cmvae_engine.kernels.moe_logq import moe_logq_ref
 
 FAMILIES = ("laplace", "normal")
 DTYPES = (torch.float64, torch.float32)

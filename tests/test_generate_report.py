@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cmvae.config import ModelConfig
-from cmvae.data import read_dataset, synth_polydigits, write_dataset
-from cmvae.model import CMVAE
-from engine.checkpoint import atomic_write_json, save_checkpoint
-from engine.cli import app
-from engine.config import DataConfig, OptimConfig, TrainConfig
-from engine.run import load_run
-from engine.trainer import train
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import read_dataset, synth_polydigits, write_dataset
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.engine.checkpoint import atomic_write_json, save_checkpoint
+from cmvae_engine.engine.cli import app
+from cmvae_engine.engine.config import DataConfig, OptimConfig, TrainConfig
+from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.trainer import train
 
 K = 5
 runner = CliRunner()

@@ -14,22 +14,27 @@ same inputs (within 8x, plus a floor of a few fp32 ulps of the quantity's scale)
 import pytest
 import torch
 
-import kernels
-from kernels import backends, dispatch
-from kernels.image_nll import image_loglik_backward_op, image_loglik_fused, image_loglik_op, image_loglik_ref
-from kernels.importance_weights import (
+from cmvae_engine import kernels
+from cmvae_engine.kernels import backends, dispatch
+from cmvae_engine.kernels.image_nll import (
+    image_loglik_backward_op,
+    image_loglik_fused,
+    image_loglik_op,
+    image_loglik_ref,
+)
+from cmvae_engine.kernels.importance_weights import (
     importance_weights_backward_op,
     importance_weights_fused,
     importance_weights_op,
     importance_weights_ref,
 )
-from kernels.mixture_logpdf import (
+from cmvae_engine.kernels.mixture_logpdf import (
     mixture_logpdf_backward_op,
     mixture_logpdf_fused,
     mixture_logpdf_op,
     mixture_logpdf_ref,
 )
-from kernels.moe_logq import moe_logq_backward_op, moe_logq_fused, moe_logq_op, moe_logq_ref
+from cmvae_engine.kernels.moe_logq import moe_logq_backward_op, moe_logq_fused, moe_logq_op, moe_logq_ref
 
 FAMILIES = ["laplace", "normal"]
 CUDA = torch.cuda.is_available()
@@ -377,7 +382,7 @@ def test_bad_backend_requests_are_clear_errors(restore_backend, monkeypatch):
     if backends.ext_unavailable_reason():
         with pytest.raises(ValueError, match="extension is unavailable"):
             kernels.set_backend("ext")
-    from engine.config import TrainConfig
+    from cmvae_engine.engine.config import TrainConfig
 
     with pytest.raises(ValueError, match="--kernels"):
         TrainConfig(kernels="fast")
@@ -386,7 +391,7 @@ def test_bad_backend_requests_are_clear_errors(restore_backend, monkeypatch):
 def test_train_cli_rejects_an_unknown_kernel_backend(tmp_path):
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from cmvae_engine.engine.cli import app
 
     result = CliRunner().invoke(app, ["train", "polydigits", "--kernels", "fast", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "--kernels" in result.output and "fast" in result.output

@@ -7,9 +7,9 @@ Backends that cannot run here are skipped with their reason (see tests/test_kern
 import pytest
 import torch
 
-import kernels
-from cmvae import CMVAE, ModelConfig, loss_fn
-from kernels import backends
+from cmvae_engine import kernels
+from cmvae_engine.cmvae import CMVAE, ModelConfig, loss_fn
+from cmvae_engine.kernels import backends
 
 CUDA = torch.cuda.is_available()
 

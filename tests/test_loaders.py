@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmvae.data import DataError, MultimodalSplit, write_dataset
-from engine.loaders import BatchPlan, global_order, make_loader
-from engine.shards import write_shards
+from cmvae_engine.cmvae.data import DataError, MultimodalSplit, write_dataset
+from cmvae_engine.engine.loaders import BatchPlan, global_order, make_loader
+from cmvae_engine.engine.shards import write_shards
 
 N, M, B = 23, 3, 4
 CPU = torch.device("cpu")
@@ -178,7 +178,7 @@ def test_webdataset_drop_last_and_a_bad_shard_named_from_a_worker(toy: dict, tmp
 
 
 def test_dali_missing_says_how_to_install(toy: dict, monkeypatch) -> None:
-    import engine.loaders_dali as dali
+    import cmvae_engine.engine.loaders_dali as dali
 
     monkeypatch.setattr(dali, "dali_import_error", lambda: "NVIDIA DALI is not importable (ImportError: x)")
     with pytest.raises(RuntimeError, match=r"--loader dali: NVIDIA DALI is not importable .*pip install "

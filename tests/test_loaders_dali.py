@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmvae.data import MultimodalSplit, write_dataset
-from engine.loaders import make_loader
-from engine.loaders_dali import dali_import_error
-from engine.shards import write_shards
+from cmvae_engine.cmvae.data import MultimodalSplit, write_dataset
+from cmvae_engine.engine.loaders import make_loader
+from cmvae_engine.engine.loaders_dali import dali_import_error
+from cmvae_engine.engine.shards import write_shards
 
 _reason = dali_import_error()
 if _reason is not None:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cmvae import CMVAE, ModelConfig
-from cmvae.networks import Decoder, Encoder, count_parameters, macs_per_sample
+from cmvae_engine.cmvae import CMVAE, ModelConfig
+from cmvae_engine.cmvae.networks import Decoder, Encoder, count_parameters, macs_per_sample
 
 
 def test_reference_parameter_counts():

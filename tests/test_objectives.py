@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import distributions as D
 
-from cmvae import CMVAE, ModelConfig, loss_fn
-from cmvae.objectives import log_weights
+from cmvae_engine.cmvae import CMVAE, ModelConfig, loss_fn
+from cmvae_engine.cmvae.objectives import log_weights
 
 
 @pytest.fixture(autouse=True)

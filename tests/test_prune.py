@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from cmvae.clustering import assign_clusters
-from cmvae.config import ModelConfig
-from cmvae.distributions import rsample
-from cmvae.metrics import clustering_scores
-from cmvae.model import CMVAE
-from cmvae.prune import apply_pruning, draw_latents, prune_latents, prune_model
-from engine.prune_run import _note
+from cmvae_engine.cmvae.clustering import assign_clusters
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.distributions import rsample
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.prune import apply_pruning, draw_latents, prune_latents, prune_model
+from cmvae_engine.engine.prune_run import _note
 
 
 def make_model(k, z_dim=4, m=3, locs=None, logits=None):

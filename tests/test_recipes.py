@@ -6,15 +6,15 @@ import torch
 from rich.console import Console
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-import engine.fast_recipe as fr
-from cmvae.clustering import to_float
-from cmvae.config import ModelConfig
-from cmvae.model import CMVAE
-from cmvae.objectives import loss_fn
-from engine.config import FAST_ELEMENTS, FastRecipeConfig, TrainConfig
-from engine.fast_recipe import FastRecipe, ari, cross_modal_agreement, nmi
-from engine.kmeans import kmeans
-from engine.recipes import Recipe, StepContext, build_recipe
+import cmvae_engine.engine.fast_recipe as fr
+from cmvae_engine.cmvae.clustering import to_float
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.objectives import loss_fn
+from cmvae_engine.engine.config import FAST_ELEMENTS, FastRecipeConfig, TrainConfig
+from cmvae_engine.engine.fast_recipe import FastRecipe, ari, cross_modal_agreement, nmi
+from cmvae_engine.engine.kmeans import kmeans
+from cmvae_engine.engine.recipes import Recipe, StepContext, build_recipe
 
 QUIET = Console(quiet=True)
 

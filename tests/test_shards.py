@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cmvae.data import DataError, MultimodalSplit, read_dataset, write_dataset
-from engine.cli.data_cmd import data_app
-from engine.shards import decode_sample, iter_shard, read_index, verify_shards, write_shards
+from cmvae_engine.cmvae.data import DataError, MultimodalSplit, read_dataset, write_dataset
+from cmvae_engine.engine.cli.data_cmd import data_app
+from cmvae_engine.engine.shards import decode_sample, iter_shard, read_index, verify_shards, write_shards
 
 N, M = 23, 3
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from cmvae.config import ModelConfig
-from cmvae.data import synth_polydigits
-from engine.checkpoint import load_checkpoint
-from engine.config import DataConfig, OptimConfig, TrainConfig
-from engine.run import load_run
-from engine.trainer import train
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.engine.checkpoint import load_checkpoint
+from cmvae_engine.engine.config import DataConfig, OptimConfig, TrainConfig
+from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.trainer import train
 
 
 @pytest.fixture(scope="module")

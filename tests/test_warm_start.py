@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from cmvae.alignment import cross_modal_infonce
-from cmvae.config import ModelConfig
-from cmvae.data import synth_polydigits
-from cmvae.model import CMVAE
-from engine.config import FastRecipeConfig, TrainConfig
-from engine.fast_recipe import FastRecipe, probe_means
-from engine.recipes import build_recipe
-from engine.trainer import train
-from engine.warm_start import ContrastWarmStart, WarmStartContext, z_tower_parameters
+from cmvae_engine.cmvae.alignment import cross_modal_infonce
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data import synth_polydigits
+from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.engine.config import FastRecipeConfig, TrainConfig
+from cmvae_engine.engine.fast_recipe import FastRecipe, probe_means
+from cmvae_engine.engine.recipes import build_recipe
+from cmvae_engine.engine.trainer import train
+from cmvae_engine.engine.warm_start import ContrastWarmStart, WarmStartContext, z_tower_parameters
 
 QUIET = Console(quiet=True)
 
@@ -200,7 +200,7 @@ def test_training_with_the_warm_start_checkpoints_it_and_resumes_after_it(pd3, t
 
 
 def test_a_run_stopped_in_the_warm_start_resumes_it_and_matches(pd3, tmp_path, monkeypatch):
-    import engine.warm_start as ws
+    import cmvae_engine.engine.warm_start as ws
 
     whole = tmp_path / "whole"
     train(fast_cfg(pd3, whole), QUIET)
@@ -234,7 +234,7 @@ def test_a_run_stopped_in_the_warm_start_resumes_it_and_matches(pd3, tmp_path, m
 
 
 def test_convergence_benchmark_counts_the_warm_start_and_scores_its_model(pd3, tmp_path):
-    from bench.convergence import ConvergenceSettings, run_convergence
+    from cmvae_engine.bench.convergence import ConvergenceSettings, run_convergence
 
     fast = FastRecipeConfig(contrast_steps=6, contrast_anneal_steps=2, min_steps=100)
     s = ConvergenceSettings(dataset=str(pd3), recipes=["fast"], seeds=[0], budget_minutes=5, max_steps=4,

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(_ROOT))
-# Loaded by path: importing the `kernels` package would pick a kernel backend (and log that the extension is
-# missing) before it is built.
-_spec = importlib.util.spec_from_file_location("kernels.extension_build", _ROOT / "kernels" / "extension_build.py")
+# Loaded by path (it imports only torch): importing the `cmvae_engine.kernels` package would pick a kernel backend
+# (and log that the extension is missing) before it is built, and this script must work before the install too.
+_spec = importlib.util.spec_from_file_location("cmvae_engine.kernels.extension_build",
+                                               _ROOT / "kernels" / "extension_build.py")
 extension_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(extension_build)
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from kernels import extension  # noqa: E402
-from kernels.mixture_logpdf import mixture_logpdf_ref  # noqa: E402
+from cmvae_engine.kernels import extension  # noqa: E402
+from cmvae_engine.kernels.mixture_logpdf import mixture_logpdf_ref  # noqa: E402
 
 
 def _cpu_name() -> str:

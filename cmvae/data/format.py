@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_SPLITS = ("train", "test")

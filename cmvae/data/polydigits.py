@@ -18,8 +18,8 @@ from typing import Literal, overload
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import IMAGE_SIZE, MultimodalSplit, write_dataset
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import IMAGE_SIZE, MultimodalSplit, write_dataset
 
 # Bump whenever the generated arrays change for the same parameters: caches compare it (see resolve.py).
 GENERATOR_VERSION = 1

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import IMAGE_SIZE, MultimodalSplit, write_dataset
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import IMAGE_SIZE, MultimodalSplit, write_dataset
 
 VALID_INDICES = "valid_PMtest_indices.npy"
 TEST_INDICES = "test_PMtest_indices.npy"

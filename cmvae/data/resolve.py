@@ -6,10 +6,10 @@ import logging
 import os
 from pathlib import Path
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import CREATE_HINT, MANIFEST, read_manifest
-from cmvae.data.polydigits import generator_params, synth_polydigits
-from cmvae.data.polymnist import convert_polymnist
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import CREATE_HINT, MANIFEST, read_manifest
+from cmvae_engine.cmvae.data.polydigits import generator_params, synth_polydigits
+from cmvae_engine.cmvae.data.polymnist import convert_polymnist
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Evaluation of trained models: clustering, coherence (with digit classifiers), FID and latent probes."""
 
-from cmvae.evaluation.classifier import (
+from cmvae_engine.cmvae.evaluation.classifier import (
     ClassifierSet,
     DigitClassifier,
     find_classifiers,
@@ -8,9 +8,9 @@ from cmvae.evaluation.classifier import (
     load_classifier_folder,
     train_classifier_set,
 )
-from cmvae.evaluation.clustering import clustering_evaluation
-from cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
-from cmvae.evaluation.latent_probe import latent_classification
+from cmvae_engine.cmvae.evaluation.clustering import clustering_evaluation
+from cmvae_engine.cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
+from cmvae_engine.cmvae.evaluation.latent_probe import latent_classification
 
 __all__ = [
     "ClassifierSet",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmvae.clustering import to_float
+from cmvae_engine.cmvae.clustering import to_float
 
 PRETRAINED_DIR = "trained_clfs_polyMNIST"
 PRETRAINED_FILE = "pretrained_img_to_digit_clf_m{}"

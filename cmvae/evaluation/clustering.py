@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cmvae.clustering import assign_clusters, encode_split
-from cmvae.metrics import clustering_scores
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.clustering import assign_clusters, encode_split
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE
 
 
 @torch.no_grad()

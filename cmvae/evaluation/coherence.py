@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cmvae.clustering import to_float
-from cmvae.evaluation.classifier import ClassifierSet, predict
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.clustering import to_float
+from cmvae_engine.cmvae.evaluation.classifier import ClassifierSet, predict
+from cmvae_engine.cmvae.model import CMVAE
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.model import CMVAE
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_DIMS = 2048

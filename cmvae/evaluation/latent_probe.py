@@ -13,8 +13,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from cmvae.clustering import to_float
-from cmvae.model import CMVAE
+from cmvae_engine.cmvae.clustering import to_float
+from cmvae_engine.cmvae.model import CMVAE
 
 
 @torch.no_grad()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from engine.cli.bench_cmd import bench_app
-from engine.cli.classifiers_cmd import classifiers_app
-from engine.cli.data_cmd import data_app
-from engine.cli.eval_cmd import eval_command
-from engine.cli.generate_cmd import generate_command
-from engine.cli.profile_cmd import PROFILE_CONTEXT, profile_command
-from engine.cli.prune_cmd import prune_command
-from engine.cli.report_cmd import report_command
-from engine.cli.train_cmd import train_command
+from cmvae_engine.engine.cli.bench_cmd import bench_app
+from cmvae_engine.engine.cli.classifiers_cmd import classifiers_app
+from cmvae_engine.engine.cli.data_cmd import data_app
+from cmvae_engine.engine.cli.eval_cmd import eval_command
+from cmvae_engine.engine.cli.generate_cmd import generate_command
+from cmvae_engine.engine.cli.profile_cmd import PROFILE_CONTEXT, profile_command
+from cmvae_engine.engine.cli.prune_cmd import prune_command
+from cmvae_engine.engine.cli.report_cmd import report_command
+from cmvae_engine.engine.cli.train_cmd import train_command
 
 app = typer.Typer(
     name="cmvae-engine",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from engine.cli.bench_convergence import bench_convergence_command
-from engine.cli.bench_kernels import bench_kernels_command
-from engine.cli.bench_train import bench_train_command
+from cmvae_engine.engine.cli.bench_convergence import bench_convergence_command
+from cmvae_engine.engine.cli.bench_kernels import bench_kernels_command
+from cmvae_engine.engine.cli.bench_train import bench_train_command
 
 bench_app = typer.Typer(help="Benchmarks: kernels, training step, convergence. Results go to bench/results/.",
                         no_args_is_help=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.errors import DataError
 
 Opt = typer.Option
 
@@ -51,8 +51,8 @@ def bench_convergence_command(
 ) -> None:
     """Train each (recipe, seed) for a wall-clock budget, scoring the test split (and pruning from K on the
     validation split) at intervals; writes JSON and a plot of NMI against time and steps."""
-    from bench.convergence import ConvergenceSettings, run_convergence
-    from engine.config import FastRecipeConfig, StepConfig
+    from cmvae_engine.bench.convergence import ConvergenceSettings, run_convergence
+    from cmvae_engine.engine.config import FastRecipeConfig, StepConfig
 
     console = Console()
     try:

@@ -40,7 +40,7 @@ def bench_kernels_command(
     print a table and write the rows as JSON."""
     import torch
 
-    from bench import kernels as bench
+    from cmvae_engine.bench import kernels as bench
 
     console = Console(width=max(Console().width, 140))  # the table needs ~140 columns; files get them too
     op_names = _pick(ops, bench.OPS, "--ops")

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.errors import DataError
 
 
 def bench_train_command(
@@ -22,8 +22,8 @@ def bench_train_command(
     """Samples/s, steps/s, TFLOP/s and peak memory of the optimised engine against the baseline (eager fp32,
     per-pair decoders, plain-torch ops, `files` loader), same config, one run. Train flags may follow
     (e.g. --width 0.25 --batch-size 128)."""
-    from bench.train import bench_train
-    from engine.cli.profile_cmd import parse_train_flags
+    from cmvae_engine.bench.train import bench_train
+    from cmvae_engine.engine.cli.profile_cmd import parse_train_flags
 
     console = Console()
     try:

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.errors import DataError
 
 if TYPE_CHECKING:
-    from cmvae.evaluation.classifier import DigitClassifier
+    from cmvae_engine.cmvae.evaluation.classifier import DigitClassifier
 
 classifiers_app = typer.Typer(help="Digit classifiers for coherence.", no_args_is_help=True)
 Opt = typer.Option
@@ -25,8 +25,8 @@ def write_classifier_folder(out: str | Path, models: list[DigitClassifier], reco
     folder with the JSON always has every weight file."""
     import torch
 
-    from cmvae.evaluation.classifier import OWN_FILE, OWN_META
-    from engine.checkpoint import atomic_write_bytes, atomic_write_json
+    from cmvae_engine.cmvae.evaluation.classifier import OWN_FILE, OWN_META
+    from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_json
 
     out = Path(out)
     for m, model in enumerate(models):
@@ -51,9 +51,9 @@ def train_command(
     threads: Annotated[int | None, Opt(help="CPU threads for torch.")] = None,
 ) -> None:
     """Train one digit classifier per modality on the train split; records test accuracy beside the weights."""
-    from cmvae.data import read_dataset, resolve_dataset
-    from cmvae.evaluation.classifier import OWN_DIR, OWN_FILE, OWN_META, train_classifier_set
-    from engine.trainer import resolve_device
+    from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
+    from cmvae_engine.cmvae.evaluation.classifier import OWN_DIR, OWN_FILE, OWN_META, train_classifier_set
+    from cmvae_engine.engine.trainer import resolve_device
 
     console = Console()
     if threads:

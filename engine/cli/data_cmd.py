@@ -14,12 +14,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cmvae.data.errors import DataError
-from cmvae.data.format import MultimodalSplit, read_dataset
-from cmvae.data.polydigits import synth_polydigits
-from cmvae.data.polymnist import convert_polymnist
-from cmvae.data.resolve import default_data_root, resolve_dataset
-from engine.cli.shard_cmd import shard_command
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import MultimodalSplit, read_dataset
+from cmvae_engine.cmvae.data.polydigits import synth_polydigits
+from cmvae_engine.cmvae.data.polymnist import convert_polymnist
+from cmvae_engine.cmvae.data.resolve import default_data_root, resolve_dataset
+from cmvae_engine.engine.cli.shard_cmd import shard_command
 
 data_app = typer.Typer(help="Create, convert and inspect data sets.", no_args_is_help=True)
 data_app.command("shard")(shard_command)

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.errors import DataError
 
 Opt = typer.Option
 
@@ -37,7 +37,7 @@ def eval_command(
     threads: Annotated[int | None, Opt(help="CPU threads for torch.")] = None,
 ) -> None:
     """Evaluate a trained run the way the paper does; writes RUN_DIR/eval.json and prints tables."""
-    from engine.eval_run import EvalConfig, run_eval  # heavy imports only when the command runs
+    from cmvae_engine.engine.eval_run import EvalConfig, run_eval  # heavy imports only when the command runs
 
     console = Console()
     try:

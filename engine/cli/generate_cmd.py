@@ -23,7 +23,7 @@ def generate_command(
 ) -> None:
     """Sample grids: unconditional per cluster (rows clusters, columns modalities) and conditional per source
     modality (inputs, then every modality generated from them)."""
-    from engine.generate_run import generate_run
+    from cmvae_engine.engine.generate_run import generate_run
 
     console = Console()
     try:

@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cmvae.data.errors import DataError
-from engine.config import TrainConfig
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.engine.config import TrainConfig
 
 
 def parse_train_flags(dataset: str, args: list[str], command: str) -> TrainConfig:
     """A TrainConfig from `cmvae-engine train` flags (the same parser, so every train flag works here)."""
-    from engine.cli.train_cmd import train_config
+    from cmvae_engine.engine.cli.train_cmd import train_config
 
     app = typer.Typer()
     app.command()(train_config)
@@ -39,7 +39,7 @@ def profile_command(
 
     Any `cmvae-engine train` flag may follow (e.g. --width 0.25 --compile --amp --batch-size 128).
     """
-    from engine.profiling import profile_training
+    from cmvae_engine.engine.profiling import profile_training
 
     console = Console()
     try:

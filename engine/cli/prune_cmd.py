@@ -27,7 +27,7 @@ def prune_command(
 ) -> None:
     """Select the number of clusters: prune the least used cluster step by step, keep the set with the lowest
     penalised normalised entropy. Writes prune.json, prune.png and pruned.pt into RUN_DIR."""
-    from engine.prune_run import prune_run  # heavy imports only when the command runs
+    from cmvae_engine.engine.prune_run import prune_run  # heavy imports only when the command runs
 
     console = Console()
     try:

@@ -15,7 +15,7 @@ def report_command(
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default RUN_DIR/report.html).")] = None,
 ) -> None:
     """Write an HTML report (config, training curves, metrics, cluster selection, samples; images inlined)."""
-    from engine.report import write_report
+    from cmvae_engine.engine.report import write_report
 
     try:
         path = write_report(run_dir, out)

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cmvae.data.errors import DataError
-from cmvae.data.resolve import resolve_dataset
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.resolve import resolve_dataset
 
 EXIT_DATA_ERROR = 2
 
@@ -26,7 +26,7 @@ def shard_command(
                                                         "or ./data).")] = None,
 ) -> None:
     """Write SPLIT of DATASET as WebDataset shards (for `--loader webdataset` and `--loader dali`)."""
-    from engine.shards import write_shards  # webdataset is an optional extra: import only when sharding
+    from cmvae_engine.engine.shards import write_shards  # webdataset is an optional extra: import only when sharding
 
     console = Console(soft_wrap=True)
     try:

@@ -14,9 +14,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cmvae.config import ModelConfig
-from cmvae.data.errors import DataError
-from engine.config import CheckpointConfig, DataConfig, FastRecipeConfig, OptimConfig, StepConfig, TrainConfig
+from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.engine.config import (
+    CheckpointConfig,
+    DataConfig,
+    FastRecipeConfig,
+    OptimConfig,
+    StepConfig,
+    TrainConfig,
+)
 
 Opt = typer.Option
 
@@ -116,8 +123,8 @@ def _unflat(flat: dict) -> dict:
 
 def resume_config(cfg: TrainConfig, defaults: TrainConfig) -> TrainConfig:
     """The saved config of the run in cfg.out, overridden by every setting of cfg that differs from defaults."""
-    from engine.checkpoint import load_checkpoint
-    from engine.resume import LATEST
+    from cmvae_engine.engine.checkpoint import load_checkpoint
+    from cmvae_engine.engine.resume import LATEST
 
     path = Path(cfg.out) / LATEST
     if not path.is_file():
@@ -132,7 +139,7 @@ def resume_config(cfg: TrainConfig, defaults: TrainConfig) -> TrainConfig:
 
 @functools.wraps(train_config)
 def train_command(**options) -> None:
-    from engine.trainer import train  # heavy imports only when the command runs
+    from cmvae_engine.engine.trainer import train  # heavy imports only when the command runs
 
     console = Console()
     try:

@@ -1,0 +1,1 @@
+"""Benchmarks: kernels, training throughput, convergence; each writes JSON rows under bench/results/."""

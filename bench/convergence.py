@@ -38,7 +38,9 @@ from cmvae_engine.engine.config import DataConfig, FastRecipeConfig, OptimConfig
 from cmvae_engine.engine.kmeans import kmeans
 from cmvae_engine.engine.loaders import ResidentLoader, stack_modalities
 from cmvae_engine.engine.recipes import StepContext, build_recipe
-from cmvae_engine.engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.step import TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.tasks import task_for
+from cmvae_engine.engine.tasks.cmvae_task import CMVAEObjective
 from cmvae_engine.engine.warm_start import WarmStartContext
 
 THRESHOLDS = (0.5, 0.8, 0.9)
@@ -225,11 +227,12 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
     load_start = loadavg()
     torch.manual_seed(seed)
     model = CMVAE(cfg.model).to(device)
-    recipe = build_recipe(recipe_name, s.fast)
+    recipe = build_recipe(recipe_name, s.fast, beta=s.beta)
     opts = resolve_options(s.step, device)
-    prepare_model(model, opts, device)
+    task = task_for(cfg.model.kind)
+    prepare_model(model, task.networks(model), opts, device)
     opt = build_optimizer(recipe.param_groups(model, s.lr), s.lr, True, opts)
-    step_fn = TrainStep(LossModule(model, "iwae", 1, aux=recipe.aux_loss()), opt, opts, device)
+    step_fn = TrainStep(CMVAEObjective(model, "iwae", 1, aux=recipe.aux_loss()), opt, opts, device)
     loader = ResidentLoader(splits.train, s.batch_size, seed=seed, drop_last=opts.compile, device=device)
     budget_s = s.budget_minutes * 60.0
     curve: list[dict] = []
@@ -270,7 +273,7 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
     while not done:
         for xb in loader.epoch(epoch):
             t0 = time.perf_counter()
-            step_fn(xb, recipe.beta(step, s.beta), step + 1, recipe.aux_weight(step))
+            step_fn(xb, step + 1, recipe.scalars(step))
             step += 1
             recipe.after_step(StepContext(step, epoch, model, opt, loader.images, device, console))
             _sync(device)

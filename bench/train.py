@@ -69,13 +69,13 @@ def run_variant(cfg: TrainConfig, variant: str, *, steps: int, warmup: int) -> d
         device = eng.device
         it = batches(eng)
         for i in range(warmup):
-            eng.step(next(it), eng.recipe.beta(i, cfg.beta), i + 1)
+            eng.step(next(it), i + 1, eng.recipe.scalars(i))
         sync(device)
         eng.step.stats.reset()
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             for i in range(warmup, warmup + steps):
-                eng.step(next(it), eng.recipe.beta(i, cfg.beta), i + 1)
+                eng.step(next(it), i + 1, eng.recipe.scalars(i))
             sync(device)
             wall = time.perf_counter() - t0
         loss = eng.step.stats.loss.item() / eng.step.stats.n  # sync point, after the timed window

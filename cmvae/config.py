@@ -61,3 +61,15 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MODEL_CONFIGS: dict[str, type] = {"cmvae": ModelConfig, "mmvaeplus": ModelConfig}
+"""The config class of each model kind; a new family adds its kind here (and its training task in engine/tasks/)."""
+
+
+def model_config_from_dict(d: dict):
+    """The config object of a saved model section (its `kind` picks the class; default `cmvae`)."""
+    kind = d.get("kind", "cmvae")
+    if kind not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_CONFIGS)}")
+    return MODEL_CONFIGS[kind](**d)

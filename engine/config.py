@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.cmvae.config import ModelConfig, model_config_from_dict
 from cmvae_engine.cmvae.objectives import OBJECTIVES
 from cmvae_engine.engine.loaders import DEFAULT_SHUFFLE_BUFFER, LOADERS
 from cmvae_engine.kernels import BACKENDS as KERNEL_BACKENDS
@@ -49,6 +49,12 @@ class OptimConfig:
     """Passes over the training split (reference 250 for PolyMNIST)."""
     max_steps: int | None = None
     """Stop after this many optimiser steps, whatever the epoch count (for short checks)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value before each update (reference CMVAE: none)."""
+
+    def __post_init__(self) -> None:
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
 
 
 AMP_DTYPES = ("bf16", "fp16")
@@ -214,6 +220,8 @@ class FastRecipeConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model family (`kind`) and its architecture; each kind has its config class (cmvae/config.py) and its
+    training task (engine/tasks/)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     step: StepConfig = field(default_factory=StepConfig)
@@ -277,7 +285,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         return cls(
-            model=ModelConfig(**d.pop("model")),
+            model=model_config_from_dict(d.pop("model")),
             data=DataConfig(**d.pop("data")),
             optim=OptimConfig(**d.pop("optim")),
             step=StepConfig(**d.pop("step", {})),

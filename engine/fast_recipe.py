@@ -33,7 +33,7 @@ from cmvae_engine.cmvae.model import CMVAE, Posterior
 from cmvae_engine.engine.checkpoint import unwrap
 from cmvae_engine.engine.config import FastRecipeConfig
 from cmvae_engine.engine.kmeans import kmeans
-from cmvae_engine.engine.recipes import Recipe, StepContext
+from cmvae_engine.engine.recipes import PaperRecipe, StepContext
 from cmvae_engine.engine.warm_start import ContrastWarmStart, WarmStartContext
 
 PRIOR_PARAMS = ("prior_logits", "prior_loc", "prior_raw_scale")
@@ -89,10 +89,11 @@ def cross_modal_agreement(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, t
             torch.stack([nmi(labels[i], labels[j], k) for i, j in idx]).mean())
 
 
-class FastRecipe(Recipe):
+class FastRecipe(PaperRecipe):
     name = "fast"
 
-    def __init__(self, config: FastRecipeConfig | None = None):
+    def __init__(self, config: FastRecipeConfig | None = None, beta: float = 2.5):
+        super().__init__(beta)
         self.cfg = config or FastRecipeConfig()
         self.fitted_at: int | None = None
         self.fits: list[dict] = []

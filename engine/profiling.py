@@ -223,7 +223,7 @@ def profile_training(cfg: TrainConfig, *, steps: int, warmup: int, out: Path,
                 t0 = time.perf_counter()
             with record_function("data"):
                 xb = next(it)
-            eng.step(xb, eng.recipe.beta(i, cfg.beta), i + 1)
+            eng.step(xb, i + 1, eng.recipe.scalars(i))
             prof.step()
         sync(device)
         wall = time.perf_counter() - t0

@@ -6,17 +6,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.engine.checkpoint import load_checkpoint
 from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.tasks import task_for
 
 
 @dataclass
 class LoadedRun:
     run_dir: Path
     config: TrainConfig
-    model: CMVAE
+    model: nn.Module
+    """The trained model (a CMVAE for the cmvae and mmvaeplus kinds), in eval mode."""
     state: dict
     """Loop state saved with the checkpoint (epoch, step, last metrics)."""
 
@@ -30,7 +32,7 @@ def load_run(
         raise FileNotFoundError(f"no run folder at {run_dir}; pass the --out folder of `cmvae-engine train`")
     payload = load_checkpoint(run_dir / checkpoint, map_location=device)
     cfg = TrainConfig.from_dict(payload["config"])
-    model = CMVAE(cfg.model)
+    model = task_for(cfg.model.kind).build_model(cfg)
     model.load_state_dict(payload["model"], strict=True)
     model.to(device).eval()
     return LoadedRun(run_dir, cfg, model, payload["state"])

@@ -1,6 +1,7 @@
 """The training step: forward (model + loss), backward, optimiser. Nothing in it reads a device value on the
 host: the summed loss and the first non-finite step stay on the device until the loop reads them at a log
-interval.
+interval. It knows no model: the objective module comes from the task (engine/tasks/), the step scalars from
+the recipe.
 
 Speed options (each leaves the objective unchanged; the loss curve matches to a stated tolerance):
 - AMP: the encoder and decoder networks run under autocast and hand fp32 tensors back, so sampling, the
@@ -12,16 +13,13 @@ Speed options (each leaves the objective unchanged; the loss curve matches to a 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-from cmvae_engine.cmvae.clustering import to_float
-from cmvae_engine.cmvae.model import CMVAE, Posterior
-from cmvae_engine.cmvae.objectives import loss_fn
 from cmvae_engine.engine.config import StepConfig
 
 AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,51 +107,21 @@ def _patch_upsampling(model: nn.Module, compiled: bool) -> None:
                 mod.forward = _nearest_by_expand(int(scale))
 
 
-def prepare_model(model: CMVAE, opts: StepOptions, device: torch.device, annotate: bool = False) -> CMVAE:
-    """Apply layout, autocast and profiler ranges to the encoder and decoder networks in place.
+def prepare_model(model: nn.Module, networks: Iterable[tuple[str, nn.Module]], opts: StepOptions,
+                  device: torch.device, annotate: bool = False) -> nn.Module:
+    """Apply layout, autocast and profiler ranges to the model's networks in place.
 
     The wrappers live in each network's instance `forward` (not in the module tree), so state_dict keys and
     checkpoints are those of the plain model.
     """
-    model.decode_per_pair = opts.per_pair
     _patch_upsampling(model, opts.compile)
     if opts.channels_last:
         model.to(memory_format=torch.channels_last)
-    for kind, nets in (("encoder", model.encoders), ("decoder", model.decoders)):
-        for i, net in enumerate(nets):
-            net.__dict__.pop("forward", None)
-            if opts.amp_dtype is not None or opts.channels_last or annotate:
-                net.forward = _wrapped_forward(type(net).forward.__get__(net), f"{kind}[{i}]", device.type, opts,
-                                               annotate)
+    for name, net in networks:
+        net.__dict__.pop("forward", None)
+        if opts.amp_dtype is not None or opts.channels_last or annotate:
+            net.forward = _wrapped_forward(type(net).forward.__get__(net), name, device.type, opts, annotate)
     return model
-
-
-class LossModule(nn.Module):
-    """The model and its objective as one forward, so that DDP and torch.compile see the whole step.
-
-    forward(uint8 images [M, B, C, H, W], beta tensor) -> (loss to minimise x loss_scale, summed bound).
-    loss_scale = world size under DDP: the loss is a SUM over the batch and DDP averages gradients over ranks,
-    so scaling restores the single-process gradient of the global batch.
-    """
-
-    def __init__(self, model: CMVAE, objective: str, n_samples: int, loss_scale: float = 1.0,
-                 aux: Callable[[Posterior], torch.Tensor] | None = None):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.n_samples = n_samples
-        self.loss_scale = loss_scale
-        self.aux = aux
-        """A recipe's extra term (engine/recipes.py), added times the step's aux_weight; None: the objective only."""
-
-    def forward(self, xb: torch.Tensor, beta: torch.Tensor, aux_weight: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = loss_fn(self.model, to_float(xb), objective=self.objective, n_samples=self.n_samples, beta=beta)
-        loss = out.loss
-        if self.aux is not None and aux_weight is not None:
-            loss = loss + aux_weight * self.aux(out.posterior)
-        loss = loss * self.loss_scale if self.loss_scale != 1.0 else loss
-        return loss, out.bound.sum()
 
 
 def build_optimizer(param_groups: list[dict], lr: float, amsgrad: bool, opts: StepOptions) -> torch.optim.Adam:
@@ -161,16 +129,26 @@ def build_optimizer(param_groups: list[dict], lr: float, amsgrad: bool, opts: St
     return torch.optim.Adam(param_groups, lr=lr, amsgrad=amsgrad, fused=True if opts.fused_adam else None)
 
 
+Batch = torch.Tensor | Sequence[torch.Tensor]
+"""What a loader yields and the objective takes: one tensor with a leading modality axis [M, B, ...], or one
+tensor per modality [B, ...] (modalities of different shapes)."""
+
+
+def batch_size_of(xb: Batch) -> int:
+    return int(xb.shape[1]) if isinstance(xb, torch.Tensor) else int(xb[0].shape[0])
+
+
 class StepStats:
-    """Device-side accumulators: summed loss, tuples and the first step whose loss was not finite (-1: none)."""
+    """Device-side accumulators: the summed reported loss, datapoints and the first step whose loss was not finite
+    (-1: none)."""
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.n = 0
 
-    def add(self, bound_sum: torch.Tensor, batch: int, step: int) -> None:
-        loss = -bound_sum.detach().double()
+    def add(self, loss_sum: torch.Tensor, batch: int, step: int) -> None:
+        loss = loss_sum.detach().double()
         self.loss += loss
         self.n += batch
         bad = ~torch.isfinite(loss) & (self.first_bad < 0)
@@ -182,14 +160,20 @@ class StepStats:
 
 
 class TrainStep:
-    """One optimiser step on a uint8 batch; call it, then read `stats` at log intervals only."""
+    """One optimiser step on a batch; call it, then read `stats` at log intervals only.
+
+    `module` is the task's objective: forward(batch, scalars) -> (loss to minimise, batch sum of the reported
+    loss). `grad_clip` clips the global gradient norm before the update (None: no clipping, the reference).
+    """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, opts: StepOptions,
-                 device: torch.device, *, fullgraph: bool = True, annotate: bool = False):
+                 device: torch.device, *, fullgraph: bool = True, annotate: bool = False,
+                 grad_clip: float | None = None):
         self.optimizer = optimizer
         self.opts = opts
         self.device = device
         self.annotate = annotate
+        self.grad_clip = grad_clip
         if opts.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self.forward = module
@@ -202,26 +186,47 @@ class TrainStep:
         # 2000 clean steps.
         self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0) if opts.amp_dtype == torch.float16 \
             else None
-        self.beta = torch.zeros((), device=device)
-        self.aux_weight = torch.zeros((), device=device)
+        self.scalars: dict[str, torch.Tensor] = {}
+        """The recipe's step scalars as device tensors, refilled in place every step."""
         self.stats = StepStats(device)
 
     def _range(self, name: str):
         return record_function(name) if self.annotate else contextlib.nullcontext()
 
-    def __call__(self, xb: torch.Tensor, beta: float, step: int, aux_weight: float = 0.0) -> None:
-        """xb uint8 [M, B, C, H, W] on the device; `step` is the 1-based number of this step (for stats);
-        aux_weight weighs the recipe's extra term (if the LossModule has one)."""
-        self.beta.fill_(beta)  # a device tensor: a changing beta neither syncs nor recompiles
+    def _fill(self, values: Mapping[str, float | Sequence[float]]) -> dict[str, torch.Tensor]:
+        """Write the step's values into persistent device tensors: filling in place neither syncs the host nor
+        changes what a compiled graph or a CUDA graph reads."""
+        if not self.scalars:
+            self.scalars = {k: torch.zeros(() if isinstance(v, (int, float)) else (len(v),), device=self.device)
+                            for k, v in values.items()}
+        elif values.keys() != self.scalars.keys():
+            raise ValueError(f"the recipe's step scalars changed from {sorted(self.scalars)} to {sorted(values)}")
+        for k, v in values.items():
+            t = self.scalars[k]
+            if t.dim() == 0:
+                t.fill_(v)
+            else:
+                for i, x in enumerate(v):
+                    t[i].fill_(x)
+        return self.scalars
+
+    def __call__(self, xb: Batch, step: int, scalars: Mapping[str, float | Sequence[float]] | None = None) -> None:
+        """xb on the device; `step` is the 1-based number of this step (for stats); `scalars` the recipe's
+        values for it (recipe.scalars(step - 1))."""
+        tensors = self._fill(scalars or {})
         if self.opts.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self._range("forward"):
-            self.aux_weight.fill_(aux_weight)  # like beta: a device tensor (LossModule ignores it without a term)
-            loss, bound_sum = self.forward(xb, self.beta, self.aux_weight)
+            loss, loss_sum = self.forward(xb, tensors)
         self.optimizer.zero_grad(set_to_none=True)
         with self._range("backward"):
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         with self._range("optimizer"):
+            if self.grad_clip is not None:
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)  # no host sync (error_if_nonfinite off)
             if self.scaler:
                 # With fused Adam (the CUDA default) the scale and the inf flag stay on the device; a non-fused
                 # optimizer makes GradScaler read the flag on the host (one sync per step, fp16 only).
@@ -229,4 +234,4 @@ class TrainStep:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        self.stats.add(bound_sum, xb.shape[1], step)
+        self.stats.add(loss_sum, batch_size_of(xb), step)

@@ -1,6 +1,8 @@
-"""The training loop. The step itself (engine/step.py) is data -> forward -> backward -> optimiser; logging,
-evaluation, checkpoints (engine/resume.py), graceful stops (engine/signals.py) and images hang off this outer
-loop. The loss is read on the host only at log intervals and before checkpoints."""
+"""The training loop, the one every model family trains through. The step itself (engine/step.py) is data ->
+forward -> backward -> optimiser; logging, evaluation, checkpoints (engine/resume.py), graceful stops
+(engine/signals.py) and outputs hang off this outer loop. What depends on the model family (the model, its
+objective, recipe, evaluation and outputs) comes from its task (engine/tasks/). The loss is read on the host only
+at log intervals and before checkpoints."""
 
 from __future__ import annotations
 
@@ -16,22 +18,19 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from cmvae_engine import kernels
-from cmvae_engine.cmvae.clustering import assign_clusters, encode_split, to_float
 from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
-from cmvae_engine.cmvae.metrics import clustering_scores
-from cmvae_engine.cmvae.model import CMVAE
-from cmvae_engine.cmvae.objectives import loss_fn
 from cmvae_engine.engine import distributed, resume
 from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.config import TrainConfig
 from cmvae_engine.engine.distributed import DistInfo
-from cmvae_engine.engine.images import save_grid
 from cmvae_engine.engine.loaders import Loader, make_loader, stack_modalities
-from cmvae_engine.engine.recipes import Recipe, StepContext, build_recipe
+from cmvae_engine.engine.recipes import Recipe, StepContext
 from cmvae_engine.engine.signals import StopFlag
-from cmvae_engine.engine.step import LossModule, StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.step import StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.tasks import Task, task_for
 from cmvae_engine.engine.warm_start import WarmStartContext
 
 
@@ -68,46 +67,6 @@ def load_splits(cfg: TrainConfig, info: DistInfo = DistInfo(), stack_train: bool
     return splits, meta
 
 
-@torch.no_grad()
-def evaluate(model: CMVAE, cfg: TrainConfig, split: SplitData, device: torch.device) -> dict:
-    """Test bound per datapoint and clustering scores of the majority vote of argmax p(c|z_m)."""
-    model.eval()
-    g = torch.Generator(device=device)
-    g.manual_seed(cfg.seed + 12345)
-    total, n = torch.zeros((), device=device), split.images.shape[1]
-    bs = max(cfg.optim.batch_size, 256)
-    for start in range(0, n, bs):
-        x = to_float(split.images[:, start:start + bs].to(device))
-        out = loss_fn(model, x, objective="iwae", n_samples=cfg.n_samples, beta=cfg.beta, generator=g)
-        total += out.bound.sum()
-    result = {"test_bound": total.item() / n}  # sync point
-    if split.labels is not None and model.config.kind == "cmvae":
-        lat = encode_split(model, split.images, batch_size=bs, generator=g, device=device)
-        _, vote = assign_clusters(lat.resp)
-        scores = clustering_scores(split.labels, vote.cpu().numpy())
-        result.update({f"test_{k}": v for k, v in scores.items()})
-    model.train()
-    return result
-
-
-def save_images(model: CMVAE, split: SplitData, out: Path, device: torch.device, seed: int) -> None:
-    """recon.png: inputs and self-reconstructions of 8 test tuples; samples.png: rows = active clusters
-    by prior mass (at most 16), columns = 4 samples of each modality."""
-    model.eval()
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    x = to_float(split.images[:, :8].to(device))
-    rec = model.reconstruct(x)
-    rows = torch.stack([t for m in range(x.shape[0]) for t in (x[m], rec[m])])
-    save_grid(out / "recon.png", rows)
-    log_pi = model.prior_params()[0]
-    order = [int(c) for c in torch.argsort(log_pi, descending=True) if torch.isfinite(log_pi[c])][:16]
-    per_cluster = [model.generate(4, cluster=c, generator=g) for c in order]  # each [M, 4, C, H, W]
-    grid = torch.stack([s.flatten(0, 1) for s in per_cluster])  # [rows, M*4, C, H, W]
-    save_grid(out / "samples.png", grid)
-    model.train()
-
-
 def data_stream(loader: Loader, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
     """loader.epoch(...) with the host RNG untouched: a DataLoader draws its base seed from torch's global
     generator when an epoch starts, which would shift the sampling noise (CPU training) and make a resumed run
@@ -128,7 +87,9 @@ class Engine:
     cfg: TrainConfig
     device: torch.device
     info: DistInfo
-    model: CMVAE
+    task: Task
+    """The model family's side of the seam (engine/tasks/)."""
+    model: nn.Module
     """The plain model (no compile/DDP wrapper): what checkpoints store and evaluation uses."""
     optimizer: torch.optim.Optimizer
     recipe: Recipe
@@ -156,21 +117,21 @@ def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.de
     torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
     resident = cfg.data.loader == "resident"
     splits, data_info = load_splits(cfg, info, stack_train=resident)
-    m = len(data_info["modalities"])
-    if cfg.model.n_modalities != m:
-        cfg.model.n_modalities = m  # the data decides M
-    model = CMVAE(cfg.model).to(device)
+    task = task_for(cfg.model.kind)
+    task.adapt_config(cfg, data_info)
+    model = task.build_model(cfg).to(device)
     if info.enabled:
         torch.manual_seed(cfg.seed + 7919 * info.rank)  # independent sampling noise per rank
     opts = resolve_options(cfg.step, device)
-    prepare_model(model, opts, device, annotate=annotate and not opts.compile)  # no ranges inside a graph
-    recipe = build_recipe(cfg.recipe, cfg.fast)
+    task.prepare(model, cfg)
+    # no profiler ranges inside a compiled graph
+    prepare_model(model, task.networks(model), opts, device, annotate=annotate and not opts.compile)
+    recipe = task.build_recipe(cfg)
     optimizer = build_optimizer(recipe.param_groups(model, cfg.optim.lr), cfg.optim.lr, cfg.optim.amsgrad, opts)
     # The loss is a sum over the batch; DDP averages gradients: scale by the world size to get the global sum.
-    module = distributed.wrap(LossModule(model, cfg.objective, cfg.n_samples, float(info.world_size),
-                                         aux=recipe.aux_loss()), info, device)
-    hooks = cfg.objective == "dreg" and cfg.n_samples > 1  # DReG's gradient hooks break the graph
-    step = TrainStep(module, optimizer, opts, device, fullgraph=not (info.enabled or hooks), annotate=annotate)
+    module = distributed.wrap(task.build_objective(model, cfg, recipe, float(info.world_size)), info, device)
+    step = TrainStep(module, optimizer, opts, device, fullgraph=task.compile_fullgraph(cfg) and not info.enabled,
+                     annotate=annotate, grad_clip=cfg.optim.grad_clip)
 
     notes = []
     drop_last = cfg.data.drop_last or opts.compile
@@ -184,7 +145,8 @@ def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.de
                          drop_last=drop_last, device=device, rank=info.rank, world_size=info.world_size,
                          workers=cfg.data.workers, shard_dir=Path(cfg.data.shard_dir) if cfg.data.shard_dir else None,
                          shuffle_buffer=cfg.data.shuffle_buffer)
-    return Engine(cfg, device, info, model, optimizer, recipe, step, loader, opts, splits, data_info, notes)
+    return Engine(cfg, device, info, task, model, optimizer, recipe, step, loader, opts, splits, data_info,
+                  notes)
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> dict:
@@ -246,13 +208,11 @@ class _Loop:
             resume.clear(self.out)
         if self.main:
             atomic_write_json(self.out / "config.json", {"config": cfg.to_dict(), "data": eng.data_info})
-        width = f"width {cfg.model.width:g}" + (" (REDUCED networks)" if cfg.model.reduced else " (reference)")
         procs = f" x {eng.info.world_size} processes" if eng.info.enabled else ""
-        recipe = cfg.recipe + (f" ({', '.join(eng.recipe.active_elements())})" if eng.recipe.active_elements() else "")
-        self.console.print(
-            f"[bold]cmvae-engine train[/] {eng.data_info['name']} ({eng.data_info['n']['train']} train tuples, "
-            f"M={cfg.model.n_modalities}) on {eng.device}{procs}, {width}, K={cfg.model.n_clusters}, "
-            f"{cfg.objective} S={cfg.n_samples}, beta={cfg.beta}, recipe {recipe} -> {self.out}")
+        active = eng.recipe.active_elements()
+        recipe = eng.recipe.name + (f" ({', '.join(active)})" if active else "")
+        self.console.print(f"[bold]cmvae-engine train[/] {eng.task.describe(cfg, eng.data_info)} on {eng.device}"
+                           f"{procs}, recipe {recipe} -> {self.out}")
         self.console.print(f"step: {eng.opts.describe()}; loader {cfg.data.loader}, batch {cfg.optim.batch_size}"
                            + (f" ({cfg.optim.batch_size // eng.info.world_size} per process)" if procs else ""))
         for note in eng.notes:
@@ -331,8 +291,7 @@ class _Loop:
             task = progress.add_task("train", total=self.total_steps, completed=st.step, stats="")
             while st.epoch < cfg.optim.epochs and st.step < self.total_steps:
                 for xb in data_stream(eng.loader, st.epoch, st.batch_in_epoch):
-                    eng.step(xb, eng.recipe.beta(st.step, cfg.beta), st.step + 1,
-                             eng.recipe.aux_weight(st.step))  # the step
+                    eng.step(xb, st.step + 1, eng.recipe.scalars(st.step))  # the step
                     st.step += 1
                     st.batch_in_epoch += 1
                     eng.recipe.after_step(StepContext(st.step, st.epoch, eng.model, eng.optimizer, eng.train_images,
@@ -361,9 +320,9 @@ class _Loop:
                         break
                 self._end_epoch(t_start, start_step)
         if self.main:
-            save_images(eng.model, eng.splits["test"], self.out, eng.device, cfg.seed)
+            files = eng.task.save_outputs(eng.model, cfg, eng.splits, self.out, eng.device)
             self.console.print(f"[green]done[/] in {time.perf_counter() - t_start:.0f}s. Outputs in {self.out}/: "
-                               "metrics.jsonl, checkpoint.pt, config.json, recon.png, samples.png")
+                               + ", ".join(["metrics.jsonl", "checkpoint.pt", "config.json", *files]))
         return st.metrics
 
     def _warm_start(self, stop: StopFlag) -> bool:
@@ -396,9 +355,9 @@ class _Loop:
         complete = st.batch_in_epoch >= len(eng.loader)
         row = {"epoch": st.epoch + 1, "step": st.step, "train_loss": st.epoch_loss / max(st.epoch_n, 1),
                "elapsed_s": elapsed, "samples_per_s": (st.step - start_step) * cfg.optim.batch_size / elapsed,
-               "width": cfg.model.width, "reduced": cfg.model.reduced}
+               **eng.task.metrics_fields(cfg)}
         if self.main and cfg.eval_every and ((st.epoch + 1) % cfg.eval_every == 0 or st.step >= self.total_steps):
-            row.update(evaluate(eng.model, cfg, eng.splits["test"], eng.device))
+            row.update(eng.task.evaluate(eng.model, cfg, eng.splits, eng.device))
         if self.main:
             resume.append_metrics(self.out, row)
         st.metrics = row
@@ -407,5 +366,6 @@ class _Loop:
             st.metrics_rows += 1
         # A partial epoch's row stays out of metrics_rows: a resumed run rewrites it when the epoch completes.
         self._checkpoint()
+        constant = eng.task.metrics_fields(cfg)
         self.console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in row.items() if k not in ("width", "reduced")))
+                                    for k, v in row.items() if k not in constant))

@@ -14,8 +14,9 @@ from cmvae_engine.cmvae.data import synth_polydigits
 from cmvae_engine.engine import trainer
 from cmvae_engine.engine.checkpoint import load_checkpoint
 from cmvae_engine.engine.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
-from cmvae_engine.engine.recipes import Recipe
+from cmvae_engine.engine.recipes import PaperRecipe
 from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.tasks import cmvae_task
 
 QUIET = Console(quiet=True)
 
@@ -88,8 +89,9 @@ def test_resume_after_max_steps_equals_uninterrupted_run(data, tmp_path, full_ru
     assert load_run(out).model.config.width == 0.0625  # prune/eval still read the latest checkpoint
 
 
-class _SignalAt(Recipe):
+class _SignalAt(PaperRecipe):
     def __init__(self, step: int, signum: int):
+        super().__init__()
         self.at, self.signum = step, signum
 
     def after_step(self, ctx) -> None:
@@ -99,7 +101,7 @@ class _SignalAt(Recipe):
 
 def test_sigterm_checkpoints_and_resume_is_exact(data, tmp_path, uninterrupted, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer, "build_recipe", lambda name, fast=None: _SignalAt(5, signal.SIGTERM))
+    monkeypatch.setattr(cmvae_task, "build_recipe", lambda name, fast=None, beta=2.5: _SignalAt(5, signal.SIGTERM))
     trainer.train(config(data, out), QUIET)
     state = load_checkpoint(out / "checkpoint.pt")["state"]
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 2)
@@ -109,14 +111,14 @@ def test_sigterm_checkpoints_and_resume_is_exact(data, tmp_path, uninterrupted, 
     assert_same_run(out, uninterrupted)
 
 
-class _NanBeta(Recipe):
+class _NanBeta(PaperRecipe):
     def beta(self, step: int, base: float) -> float:
         return float("nan") if step == 6 else base  # poisons the loss of step 7 (steps count from 1)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer, "build_recipe", lambda name, fast=None: _NanBeta())
+    monkeypatch.setattr(cmvae_task, "build_recipe", lambda name, fast=None, beta=2.5: _NanBeta())
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7.*ckpt-00000006\.pt"):
         trainer.train(config(data, out, every=2), QUIET)
     ckpt = load_checkpoint(out / "checkpoint.pt")

@@ -12,7 +12,8 @@ from cmvae_engine.cmvae.data import synth_polydigits
 from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.engine.config import DataConfig, OptimConfig, StepConfig, TrainConfig
 from cmvae_engine.engine.profiling import count_syncs
-from cmvae_engine.engine.step import LossModule, TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.step import TrainStep, build_optimizer, prepare_model, resolve_options
+from cmvae_engine.engine.tasks.cmvae_task import CMVAEObjective, CMVAETask
 from cmvae_engine.engine.trainer import train
 
 CPU = torch.device("cpu")
@@ -80,14 +81,14 @@ def _short_run(**step) -> tuple[list[float], TrainStep]:
     torch.manual_seed(0)
     model = CMVAE(ModelConfig(n_modalities=2, n_clusters=3, z_dim=4, w_dim=4, width=0.0625))
     opts = resolve_options(StepConfig(**step), CPU)
-    prepare_model(model, opts, CPU)
+    prepare_model(model, CMVAETask().networks(model), opts, CPU)
     opt = build_optimizer([{"params": list(model.parameters())}], 1e-3, True, opts)
-    st = TrainStep(LossModule(model, "iwae", 1), opt, opts, CPU)
+    st = TrainStep(CMVAEObjective(model, "iwae", 1), opt, opts, CPU)
     xb = torch.randint(0, 256, (2, 8, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     out = []
     for i in range(4):
         st.stats.reset()
-        st(xb, 2.5, i + 1)
+        st(xb, i + 1, {"beta": 2.5})
         out.append(st.stats.loss.item() / st.stats.n)
     return out, st
 
@@ -118,20 +119,20 @@ def test_step_reads_nothing_from_the_device():
     torch.manual_seed(0)
     model = CMVAE(ModelConfig(n_modalities=2, n_clusters=3, z_dim=4, w_dim=4, width=0.0625))
     opts = resolve_options(StepConfig(), CPU)
-    prepare_model(model, opts, CPU, annotate=True)
+    prepare_model(model, CMVAETask().networks(model), opts, CPU, annotate=True)
     opt = build_optimizer([{"params": list(model.parameters())}], 1e-3, True, opts)
-    step = TrainStep(LossModule(model, "iwae", 1), opt, opts, CPU, annotate=True)
+    step = TrainStep(CMVAEObjective(model, "iwae", 1), opt, opts, CPU, annotate=True)
     xb = torch.randint(0, 256, (2, 8, 3, 28, 28), dtype=torch.uint8)
-    step(xb, 2.5, 1)
+    step(xb, 1, {"beta": 2.5})
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(2, 5):
-            step(xb, 2.5, i)
+            step(xb, i, {"beta": 2.5})
     assert count_syncs(prof.events(), cuda=False)[0] == 0  # Adam's own host-side counters are not device reads
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step.stats.loss.item()  # what a log interval does: counted
     assert count_syncs(prof.events(), cuda=False)[0] == 1
     assert step.stats.n == 4 * 8 and int(step.stats.first_bad) == -1
-    step(xb, float("nan"), 5)  # a NaN beta poisons the loss of step 5: recorded on the device
+    step(xb, 5, {"beta": float("nan")})  # a NaN beta poisons the loss of step 5: recorded on the device
     assert int(step.stats.first_bad) == 5
 
 

@@ -5,8 +5,11 @@ ties the others together)."""
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = ["kernels", "cmvae", "engine", "bench"]

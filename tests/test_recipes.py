@@ -14,7 +14,7 @@ from cmvae_engine.cmvae.objectives import loss_fn
 from cmvae_engine.engine.config import FAST_ELEMENTS, FastRecipeConfig, TrainConfig
 from cmvae_engine.engine.fast_recipe import FastRecipe, ari, cross_modal_agreement, nmi
 from cmvae_engine.engine.kmeans import kmeans
-from cmvae_engine.engine.recipes import Recipe, StepContext, build_recipe
+from cmvae_engine.engine.recipes import PaperRecipe, StepContext, build_recipe
 
 QUIET = Console(quiet=True)
 
@@ -33,19 +33,21 @@ def blobs(centres, n_per, spread, g):
 
 # ----- paper ---------------------------------------------------------------------------------------------
 def test_paper_is_the_plain_reference_procedure():
-    r = build_recipe("paper")
-    assert type(r) is Recipe and r.name == "paper" and r.active_elements() == []
+    r = build_recipe("paper", beta=2.5)
+    assert type(r) is PaperRecipe and r.name == "paper" and r.active_elements() == []
     model = tiny_model()
     groups = r.param_groups(model, 1e-3)
     assert len(groups) == 1 and groups[0]["lr"] == 1e-3
     assert [id(p) for p in groups[0]["params"]] == [id(p) for p in model.parameters() if p.requires_grad]
     assert [r.beta(s, 2.5) for s in (0, 1, 10_000)] == [2.5, 2.5, 2.5]
+    assert [r.scalars(s) for s in (0, 10_000)] == [{"beta": 2.5, "aux_weight": 0.0}] * 2
+    assert build_recipe("paper", beta=1.5).scalars(7) == {"beta": 1.5, "aux_weight": 0.0}
     assert r.state_dict() == {}
     with pytest.raises(ValueError, match="--recipe"):
         build_recipe("quick")
 
 
-def _train_steps(recipe: Recipe | None, n_steps: int, images: torch.Tensor) -> CMVAE:
+def _train_steps(recipe: PaperRecipe | None, n_steps: int, images: torch.Tensor) -> CMVAE:
     """n_steps of the reference step; recipe=None bypasses every hook."""
     model = tiny_model(k=3, m=2, seed=3)
     lr, base_beta = 2e-3, 2.5
@@ -68,7 +70,7 @@ def test_paper_ignores_every_fast_setting():
     # The `fast` settings travel in every TrainConfig; under `paper` none of them may take effect.
     everything = FastRecipeConfig.from_flags(enable=",".join(FAST_ELEMENTS), settings="min_steps=0,check_every=1")
     r = build_recipe("paper", everything)
-    assert type(r) is Recipe and r.active_elements() == []
+    assert type(r) is PaperRecipe and r.active_elements() == []
     assert [r.beta(s, 2.5) for s in (0, 1, 50)] == [2.5, 2.5, 2.5]
     model = tiny_model()
     assert len(r.param_groups(model, 1e-3)) == 1

@@ -1,0 +1,127 @@
+"""CMVAE and MMVAE+ (its K = 1 special case) as a training task: the model, its objective module, the paper and
+fast recipes, the test-split evaluation of each epoch and the end-of-run image grids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmvae_engine.cmvae.clustering import assign_clusters, encode_split, to_float
+from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.model import CMVAE, Posterior
+from cmvae_engine.cmvae.objectives import loss_fn
+from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.images import save_grid
+from cmvae_engine.engine.recipes import PaperRecipe, build_recipe
+from cmvae_engine.engine.tasks.base import Task
+
+
+class CMVAEObjective(nn.Module):
+    """The model and its objective as one forward, so that DDP and torch.compile see the whole step.
+
+    forward(uint8 images [M, B, C, H, W], scalars {"beta", "aux_weight"}) -> (loss to minimise x loss_scale,
+    batch sum of minus the bound). loss_scale = world size under DDP: the loss is a SUM over the batch and DDP
+    averages gradients over ranks, so scaling restores the single-process gradient of the global batch.
+    """
+
+    def __init__(self, model: CMVAE, objective: str, n_samples: int, loss_scale: float = 1.0,
+                 aux: Callable[[Posterior], torch.Tensor] | None = None):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.n_samples = n_samples
+        self.loss_scale = loss_scale
+        self.aux = aux
+        """A recipe's extra term (engine/recipes.py), added times the step's aux_weight; None: the objective only."""
+
+    def forward(self, xb: torch.Tensor, scalars: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = loss_fn(self.model, to_float(xb), objective=self.objective, n_samples=self.n_samples,
+                      beta=scalars["beta"])
+        loss = out.loss
+        if self.aux is not None and "aux_weight" in scalars:
+            loss = loss + scalars["aux_weight"] * self.aux(out.posterior)
+        loss = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+        return loss, -out.bound.sum()
+
+
+class CMVAETask(Task):
+    kind = "cmvae"
+
+    def adapt_config(self, cfg: TrainConfig, data_info: dict) -> None:
+        cfg.model.n_modalities = len(data_info["modalities"])  # the data decides M
+
+    def build_model(self, cfg: TrainConfig) -> CMVAE:
+        return CMVAE(cfg.model)
+
+    def build_recipe(self, cfg: TrainConfig) -> PaperRecipe:
+        return build_recipe(cfg.recipe, cfg.fast, beta=cfg.beta)
+
+    def build_objective(self, model: CMVAE, cfg: TrainConfig, recipe: PaperRecipe, loss_scale: float
+                        ) -> CMVAEObjective:
+        return CMVAEObjective(model, cfg.objective, cfg.n_samples, loss_scale, aux=recipe.aux_loss())
+
+    def networks(self, model: CMVAE) -> Iterable[tuple[str, nn.Module]]:
+        for kind, nets in (("encoder", model.encoders), ("decoder", model.decoders)):
+            for i, net in enumerate(nets):
+                yield f"{kind}[{i}]", net
+
+    def prepare(self, model: CMVAE, cfg: TrainConfig) -> None:
+        model.decode_per_pair = cfg.step.decode_per_pair
+
+    def compile_fullgraph(self, cfg: TrainConfig) -> bool:
+        return not (cfg.objective == "dreg" and cfg.n_samples > 1)  # DReG's gradient hooks break the graph
+
+    def describe(self, cfg: TrainConfig, data_info: dict) -> str:
+        m = cfg.model
+        width = f"width {m.width:g}" + (" (REDUCED networks)" if m.reduced else " (reference)")
+        return (f"{m.kind} on {data_info['name']} ({data_info['n']['train']} train tuples, M={m.n_modalities}), "
+                f"{width}, K={m.n_clusters}, {cfg.objective} S={cfg.n_samples}, beta={cfg.beta}")
+
+    def metrics_fields(self, cfg: TrainConfig) -> dict:
+        return {"width": cfg.model.width, "reduced": cfg.model.reduced}
+
+    @torch.no_grad()
+    def evaluate(self, model: CMVAE, cfg: TrainConfig, splits: dict, device: torch.device) -> dict:
+        """Test bound per datapoint and clustering scores of the majority vote of argmax p(c|z_m)."""
+        split = splits["test"]
+        model.eval()
+        g = torch.Generator(device=device)
+        g.manual_seed(cfg.seed + 12345)
+        total, n = torch.zeros((), device=device), split.images.shape[1]
+        bs = max(cfg.optim.batch_size, 256)
+        for start in range(0, n, bs):
+            x = to_float(split.images[:, start:start + bs].to(device))
+            out = loss_fn(model, x, objective="iwae", n_samples=cfg.n_samples, beta=cfg.beta, generator=g)
+            total += out.bound.sum()
+        result = {"test_bound": total.item() / n}  # sync point
+        if split.labels is not None and model.config.kind == "cmvae":
+            lat = encode_split(model, split.images, batch_size=bs, generator=g, device=device)
+            _, vote = assign_clusters(lat.resp)
+            scores = clustering_scores(split.labels, vote.cpu().numpy())
+            result.update({f"test_{k}": v for k, v in scores.items()})
+        model.train()
+        return result
+
+    @torch.no_grad()
+    def save_outputs(self, model: CMVAE, cfg: TrainConfig, splits: dict, out: Path, device: torch.device
+                     ) -> list[str]:
+        """recon.png: inputs and self-reconstructions of 8 test tuples; samples.png: rows = active clusters
+        by prior mass (at most 16), columns = 4 samples of each modality."""
+        split = splits["test"]
+        model.eval()
+        g = torch.Generator(device=device)
+        g.manual_seed(cfg.seed)
+        x = to_float(split.images[:, :8].to(device))
+        rec = model.reconstruct(x)
+        rows = torch.stack([t for m in range(x.shape[0]) for t in (x[m], rec[m])])
+        save_grid(out / "recon.png", rows)
+        log_pi = model.prior_params()[0]
+        order = [int(c) for c in torch.argsort(log_pi, descending=True) if torch.isfinite(log_pi[c])][:16]
+        per_cluster = [model.generate(4, cluster=c, generator=g) for c in order]  # each [M, 4, C, H, W]
+        grid = torch.stack([s.flatten(0, 1) for s in per_cluster])  # [rows, M*4, C, H, W]
+        save_grid(out / "samples.png", grid)
+        model.train()
+        return ["recon.png", "samples.png"]

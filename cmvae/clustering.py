@@ -8,6 +8,7 @@ import torch
 
 from cmvae_engine.cmvae.distributions import rsample, scale_from_raw
 from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.progress import ProgressFn, batches, report
 
 
 @dataclass
@@ -29,18 +30,22 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 def encode_split(
     model: CMVAE, images: torch.Tensor, *, batch_size: int = 512, sample: bool = True,
     generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    progress: ProgressFn | None = None,
 ) -> SplitLatents:
     """One encoder pass over images [M, N, C, H, W] (uint8 or float), one z per datapoint and modality.
 
     sample=True draws z ~ q_m(z|x_m) (the reference's choice); False uses the posterior location.
+    `progress`: called with (batches done, batches).
     """
     device = device or next(model.parameters()).device
     zs = []
+    total = batches(images.shape[1], batch_size)
     for start in range(0, images.shape[1], batch_size):
         x = to_float(images[:, start:start + batch_size].to(device, non_blocking=True))
         post = model.encode(x)
         z = rsample(post.z_loc, post.z_scale, model.config.family, generator=generator) if sample else post.z_loc
         zs.append(z)
+        report(progress, len(zs), total)
     z = torch.cat(zs, dim=1)
     log_pz, resp, ent = model.cluster_posterior(z)
     return SplitLatents(z, log_pz, resp, ent)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from cmvae_engine.cmvae.config import ModelConfig, model_config_from_dict
 from cmvae_engine.cmvae.objectives import OBJECTIVES
 from cmvae_engine.engine.loaders import DEFAULT_SHUFFLE_BUFFER, LOADERS
+from cmvae_engine.engine.logsinks import parse_sinks
 from cmvae_engine.kernels import BACKENDS as KERNEL_BACKENDS
 
 
@@ -246,6 +247,8 @@ class TrainConfig:
     """Run folder: metrics.jsonl, checkpoints, images."""
     log_every: int = 20
     """Steps between host reads of the loss (the only sync points of the loop)."""
+    log: list[str] = field(default_factory=list)
+    """Optional logging sinks besides metrics.jsonl and steps.jsonl: `tensorboard`, `wandb` (engine/logsinks.py)."""
     eval_every: int = 1
     """Epochs between test-split evaluations (bound and clustering scores); 0 disables them."""
     threads: int | None = None
@@ -271,6 +274,7 @@ class TrainConfig:
             raise ValueError(f"kernels (--kernels) must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
         if self.nproc < 1:
             raise ValueError(f"nproc (--nproc) must be >= 1, got {self.nproc}")
+        self.log = parse_sinks(self.log)
         if self.nproc > 1 and self.optim.batch_size % self.nproc:
             raise ValueError(f"batch_size {self.optim.batch_size} is the global batch and must be divisible by "
                              f"nproc {self.nproc}; choose a multiple of {self.nproc}")

@@ -173,6 +173,19 @@ class FastRecipe(PaperRecipe):
         elif c.refit and len(self.fits) - 1 < c.max_refits:
             self._check_collapse(ctx, model)
 
+    def events(self) -> list[dict]:
+        """Warm-start losses (at CMVAE step 0), then every check and fit in step order (a fit follows the check
+        that triggered it)."""
+        out: list[dict] = []
+        if self.warm is not None and self.warm.done and not self.warm.skipped:
+            out += [{"event": "warm_start_loss", "step": 0, "warm_step": s, "infonce": v} for s, v in self.warm.losses]
+            out.append({"event": "warm_start_done", "step": 0, "warm_steps": self.warm.step,
+                        "seconds": self.warm.seconds, "spread_before": self.warm.spread_before})
+        timeline = [(c["step"], 0, {"event": "check", **c}) for c in self.checks]
+        timeline += [(f["step"], 1, {"event": "prior_fit" if i == 0 else "prior_refit", **f})
+                     for i, f in enumerate(self.fits)]
+        return out + [e for _, _, e in sorted(timeline, key=lambda t: t[:2])]
+
     # ----- the two checks ----------------------------------------------------------------------------------
     def _probe_images(self, images: torch.Tensor) -> torch.Tensor:
         if self._probe is None or self._probe.device != images.device:

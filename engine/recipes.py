@@ -59,6 +59,12 @@ class Recipe:
         """Names of the elements that change the reference procedure (default: none)."""
         return []
 
+    def events(self) -> list[dict]:
+        """What the recipe did so far, each a dict with `event` (a name) and `step`, in the order it happened;
+        the list only grows. The loop hands new ones to the logging sinks at log intervals (steps.jsonl, the
+        report's curves); building it must not read the device."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 

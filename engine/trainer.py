@@ -6,6 +6,7 @@ at log intervals and before checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from cmvae_engine import kernels
@@ -25,9 +25,13 @@ from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
 from cmvae_engine.engine import distributed, resume
 from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.cost import PROBE_STEPS, cost_warning, project
 from cmvae_engine.engine.distributed import DistInfo
 from cmvae_engine.engine.loaders import Loader, make_loader, stack_modalities
+from cmvae_engine.engine.logsinks import Sinks, open_sinks
+from cmvae_engine.engine.progress import Board, epoch_line, format_duration
 from cmvae_engine.engine.recipes import Recipe, StepContext
+from cmvae_engine.engine.run_info import record_training_start
 from cmvae_engine.engine.signals import StopFlag
 from cmvae_engine.engine.step import StepOptions, TrainStep, build_optimizer, prepare_model, resolve_options
 from cmvae_engine.engine.tasks import Task, task_for
@@ -51,11 +55,22 @@ class SplitData:
     labels: np.ndarray | None
 
 
-def load_splits(cfg: TrainConfig, info: DistInfo = DistInfo(), stack_train: bool = True
-                ) -> tuple[dict[str, SplitData], dict]:
+def resolve_with_progress(dataset: str, data_root: str | None, console: Console | None) -> Path:
+    """resolve_dataset with a progress bar when the data set has to be made first (synthesised, converted)."""
+    if console is None:
+        return resolve_dataset(dataset, data_root=data_root)
+    with Board(console) as board, board.phase(f"data set {dataset}: preparing it (first use)", lazy=True) as bar:
+        root = resolve_dataset(dataset, data_root=data_root, progress=bar)
+    if bar.done:
+        console.print(f"data set {dataset} written to {root}", markup=False, highlight=False)
+    return root
+
+
+def load_splits(cfg: TrainConfig, info: DistInfo = DistInfo(), stack_train: bool = True,
+                console: Console | None = None) -> tuple[dict[str, SplitData], dict]:
     """Read the data set (rank 0 resolves or synthesises it first; the others wait and then read it)."""
     if info.is_main:
-        root = resolve_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
+        root = resolve_with_progress(cfg.data.dataset, cfg.data.data_root, console)
     distributed.barrier()
     if not info.is_main:
         root = resolve_dataset(cfg.data.dataset, data_root=cfg.data.data_root)
@@ -108,15 +123,16 @@ class Engine:
 
 
 def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.device | None = None,
-                 annotate: bool = False) -> Engine:
-    """Data, model, optimiser, compiled/AMP step and loader as configured (`annotate`: profiler ranges)."""
+                 annotate: bool = False, console: Console | None = None) -> Engine:
+    """Data, model, optimiser, compiled/AMP step and loader as configured (`annotate`: profiler ranges;
+    `console`: where a data set being made shows its progress)."""
     device = device or resolve_device(cfg.device, info.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     kernels.set_backend(cfg.kernels)
     torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
     resident = cfg.data.loader == "resident"
-    splits, data_info = load_splits(cfg, info, stack_train=resident)
+    splits, data_info = load_splits(cfg, info, stack_train=resident, console=console)
     task = task_for(cfg.model.kind)
     task.adapt_config(cfg, data_info)
     model = task.build_model(cfg).to(device)
@@ -163,7 +179,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict:
     device = resolve_device(cfg.device, info.local_rank)
     distributed.init(info, device)
     try:
-        return _Loop(build_engine(cfg, info, device), console).run()
+        return _Loop(build_engine(cfg, info, device, console=console), console).run()
     finally:
         distributed.shutdown()
 
@@ -208,6 +224,7 @@ class _Loop:
             resume.clear(self.out)
         if self.main:
             atomic_write_json(self.out / "config.json", {"config": cfg.to_dict(), "data": eng.data_info})
+            record_training_start(self.out, eng.device, resumed=cfg.resume)
         procs = f" x {eng.info.world_size} processes" if eng.info.enabled else ""
         active = eng.recipe.active_elements()
         recipe = eng.recipe.name + (f" ({', '.join(active)})" if active else "")
@@ -283,27 +300,36 @@ class _Loop:
             return st.metrics
         t_start, start_step = time.perf_counter(), st.step
         t_log = t_start
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[stats]}"), console=self.console, disable=not self.main)
-        with StopFlag() as stop, progress:
+        self.sinks = (open_sinks(cfg.log, self.out, resume_step=st.step if cfg.resume else None,
+                                 config=cfg.to_dict()) if self.main else Sinks([]))
+        self.board = Board(self.console, disable=not self.main)
+        probe_times: dict[int, float] = {}
+        with StopFlag() as stop, self.board, contextlib.closing(self.sinks):
             if st.step == 0 and not self._warm_start(stop):
                 return st.metrics
-            task = progress.add_task("train", total=self.total_steps, completed=st.step, stats="")
+            self._log_events()
+            bar = self.board.bar("train", self.total_steps, completed=st.step)
             while st.epoch < cfg.optim.epochs and st.step < self.total_steps:
                 for xb in data_stream(eng.loader, st.epoch, st.batch_in_epoch):
-                    eng.step(xb, st.step + 1, eng.recipe.scalars(st.step))  # the step
+                    scalars = eng.recipe.scalars(st.step)
+                    eng.step(xb, st.step + 1, scalars)  # the step
                     st.step += 1
                     st.batch_in_epoch += 1
                     eng.recipe.after_step(StepContext(st.step, st.epoch, eng.model, eng.optimizer, eng.train_images,
                                                       eng.device, self.console))
-                    progress.update(task, advance=1)
+                    bar.advance()
+                    if st.step - start_step in PROBE_STEPS:
+                        self._probe_cost(st.step - start_step, probe_times)
                     logging = st.step % cfg.log_every == 0 or st.step == self.total_steps
                     if logging:
                         loss, n = self._read()
                         now = time.perf_counter()
                         rate = n / (now - t_log)
-                        progress.update(task, stats=f"epoch {st.epoch + 1} loss {loss / max(n, 1):,.1f} "
-                                                    f"{rate:,.0f} samples/s")
+                        bar.note(f"epoch {st.epoch + 1} loss {loss / max(n, 1):,.1f} {rate:,.0f} samples/s")
+                        self.sinks.step(st.step, {"epoch": st.epoch + 1, "loss": loss / max(n, 1),
+                                                  "samples_per_s": rate, "elapsed_s": now - t_start,
+                                                  "lr": [g["lr"] for g in eng.optimizer.param_groups], **scalars})
+                        self._log_events()
                         t_log = now
                     stopping = self._should_stop(stop, logging)
                     periodic = cfg.ckpt.every and st.step % cfg.ckpt.every == 0
@@ -319,18 +345,46 @@ class _Loop:
                     if st.step >= self.total_steps:
                         break
                 self._end_epoch(t_start, start_step)
+            if self.main:
+                with self.board.phase("writing the run's image grids"):
+                    files = eng.task.save_outputs(eng.model, cfg, eng.splits, self.out, eng.device)
         if self.main:
-            files = eng.task.save_outputs(eng.model, cfg, eng.splits, self.out, eng.device)
-            self.console.print(f"[green]done[/] in {time.perf_counter() - t_start:.0f}s. Outputs in {self.out}/: "
-                               + ", ".join(["metrics.jsonl", "checkpoint.pt", "config.json", *files]))
+            self.console.print(f"[green]done[/] in {format_duration(time.perf_counter() - t_start)}. Outputs in "
+                               f"{self.out}/: " + ", ".join(["metrics.jsonl", "steps.jsonl", "checkpoint.pt",
+                                                            "config.json", "run_info.json", *files]))
         return st.metrics
+
+    def _probe_cost(self, steps_done: int, times: dict[int, float]) -> None:
+        """Time the first steps (once per session) and say what a long run is about to cost."""
+        if self.eng.device.type == "cuda":
+            torch.cuda.synchronize(self.eng.device)  # once per session, at the two probe steps
+        times[steps_done] = time.perf_counter()
+        first, last = PROBE_STEPS
+        if steps_done != last or first not in times or not self.main:
+            return
+        cfg = self.cfg
+        p = project(self.total_steps, self.state.step, times[last] - times[first], last - first)
+        width = getattr(cfg.model, "width", None)
+        size = "" if width is None else (", full width" if width >= 1 else f", width {width:g}")
+        what = (f"{cfg.recipe} recipe{size}, {cfg.optim.epochs} epochs"
+                + (f" (--max-steps {cfg.optim.max_steps})" if cfg.optim.max_steps is not None else ""))
+        message = cost_warning(p, what, self.eng.device.type)
+        if message:
+            self.console.print(f"[bold yellow]this run is long:[/] {message}")
+
+    def _log_events(self) -> None:
+        """The recipe's events not yet handed to the sinks (its event list only grows)."""
+        events = self.eng.recipe.events()
+        for event in events[getattr(self, "_events_logged", 0):]:
+            self.sinks.event(int(event.get("step", self.state.step)), event)
+        self._events_logged = len(events)
 
     def _warm_start(self, stop: StopFlag) -> bool:
         """The recipe's work before step 1 (the paper: none). False when a signal stopped it: its progress is then
         in a checkpoint at step 0 and --resume continues it."""
         eng = self.eng
         ctx = WarmStartContext(eng.model, eng.train_images, eng.device, self.cfg.optim.batch_size, self.cfg.seed,
-                               self.console, should_stop=lambda: self._should_stop(stop, True))
+                               self.console, should_stop=lambda: self._should_stop(stop, True), board=self.board)
         with torch.random.fork_rng(devices=[eng.device] if eng.device.type == "cuda" else []):
             eng.recipe.warm_start(ctx)  # draws from its own generators: the step's sampling noise is untouched
         if not stop:
@@ -357,15 +411,17 @@ class _Loop:
                "elapsed_s": elapsed, "samples_per_s": (st.step - start_step) * cfg.optim.batch_size / elapsed,
                **eng.task.metrics_fields(cfg)}
         if self.main and cfg.eval_every and ((st.epoch + 1) % cfg.eval_every == 0 or st.step >= self.total_steps):
-            row.update(eng.task.evaluate(eng.model, cfg, eng.splits, eng.device))
+            with self.board.phase(f"epoch {st.epoch + 1}: evaluating on the test split", done_line=False) as bar:
+                row.update(eng.task.evaluate(eng.model, cfg, eng.splits, eng.device, progress=bar))
         if self.main:
             resume.append_metrics(self.out, row)
+            self.sinks.epoch(st.step, row)
         st.metrics = row
         if complete:
             st.epoch, st.batch_in_epoch, st.epoch_loss, st.epoch_n = st.epoch + 1, 0, 0.0, 0
             st.metrics_rows += 1
         # A partial epoch's row stays out of metrics_rows: a resumed run rewrites it when the epoch completes.
-        self._checkpoint()
-        constant = eng.task.metrics_fields(cfg)
-        self.console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in row.items() if k not in constant))
+        with self.board.phase("writing a checkpoint", done_line=False):
+            self._checkpoint()
+        self.console.print(epoch_line(row, cfg.optim.epochs, skip=tuple(eng.task.metrics_fields(cfg))),
+                           markup=False, highlight=False)

@@ -17,6 +17,7 @@ The objective the run ends on is the CMVAE objective, unchanged.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from cmvae_engine.cmvae.clustering import probe_means, to_float
 from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.engine.checkpoint import unwrap
 from cmvae_engine.engine.config import FastRecipeConfig
+from cmvae_engine.engine.progress import Board, format_duration, phase
 
 # Seeds the warm start's batches (with the run's seed and the step, so that a resumed warm start draws the same).
 _WARM_SEED = 7_700_417
@@ -47,6 +49,8 @@ class WarmStartContext:
     console: Console
     should_stop: Callable[[], bool] = lambda: False
     """Polled every step: True makes the warm start return early with its progress in the recipe's state."""
+    board: Board | None = None
+    """Where the warm start shows its progress bar (None: nowhere)."""
 
 
 def z_tower_parameters(model: CMVAE) -> list[torch.nn.Parameter]:
@@ -70,6 +74,8 @@ class ContrastWarmStart:
         self.losses: list[tuple[int, float]] = []
         """(step, InfoNCE) every 50 warm-start steps: read on the host only then."""
         self.spread_before: list[float] = []
+        self.seconds: float | None = None
+        """Wall time of the warm start in the session that finished it."""
         self._opt_state: dict | None = None
 
     def weight(self, step: int) -> float:
@@ -96,21 +102,28 @@ class ContrastWarmStart:
         batch = min(ctx.batch_size, n)
         g = torch.Generator(device="cpu")
         model.train()
-        while self.step < c.contrast_steps:
-            if ctx.should_stop():
-                self._opt_state = opt.state_dict()
-                ctx.console.print(f"fast recipe: contrastive warm start stopped at step {self.step} of "
-                                  f"{c.contrast_steps}; --resume continues it")
-                return
-            g.manual_seed(_WARM_SEED + 1_000_003 * ctx.seed + self.step)
-            idx = torch.randint(0, n, (batch,), generator=g).to(images.device)
-            loss = cross_modal_infonce(z_means(model, to_float(images.index_select(1, idx))), c.contrast_tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            self.step += 1
-            if self.step % 50 == 0 or self.step == c.contrast_steps:
-                self.losses.append((self.step, float(loss.detach())))  # sync point (every 50 steps)
+        t0, first = time.perf_counter(), self.step
+        with phase(ctx.board, "fast recipe: contrastive warm start of the z towers", c.contrast_steps,
+                   done_line=False) as bar:
+            bar(self.step, c.contrast_steps)
+            while self.step < c.contrast_steps:
+                if ctx.should_stop():
+                    self._opt_state = opt.state_dict()
+                    ctx.console.print(f"fast recipe: contrastive warm start stopped at step {self.step} of "
+                                      f"{c.contrast_steps}; --resume continues it")
+                    return
+                g.manual_seed(_WARM_SEED + 1_000_003 * ctx.seed + self.step)
+                idx = torch.randint(0, n, (batch,), generator=g).to(images.device)
+                loss = cross_modal_infonce(z_means(model, to_float(images.index_select(1, idx))), c.contrast_tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                self.step += 1
+                bar(self.step, c.contrast_steps)
+                if self.step % 50 == 0 or self.step == c.contrast_steps:
+                    self.losses.append((self.step, float(loss.detach())))  # sync point (every 50 steps)
+                    bar.note(f"InfoNCE {self.losses[-1][1]:.3f}")
+        self.seconds = time.perf_counter() - t0
         self._opt_state = None
         self._rescale(model, images)
         if dist.is_available() and dist.is_initialized():
@@ -118,7 +131,8 @@ class ContrastWarmStart:
                 dist.broadcast(p.data, src=0)  # every rank continues from rank 0's towers
         self.done = True
         last = self.losses[-1][1] if self.losses else float("nan")
-        ctx.console.print(f"fast recipe: contrastive warm start done ({c.contrast_steps} z-tower steps, InfoNCE "
+        ctx.console.print(f"fast recipe: contrastive warm start done in {format_duration(self.seconds)} "
+                          f"({self.step - first} of {c.contrast_steps} z-tower steps this session, InfoNCE "
                           f"{last:.3f}; means rescaled to spread {c.contrast_spread:g})")
 
     @torch.no_grad()
@@ -137,7 +151,7 @@ class ContrastWarmStart:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "done": self.done, "skipped": self.skipped, "losses": self.losses,
-                "spread_before": self.spread_before, "optimizer": self._opt_state}
+                "spread_before": self.spread_before, "seconds": self.seconds, "optimizer": self._opt_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", 0))
@@ -145,4 +159,5 @@ class ContrastWarmStart:
         self.skipped = bool(state.get("skipped", False))
         self.losses = [tuple(x) for x in state.get("losses", [])]
         self.spread_before = list(state.get("spread_before", []))
+        self.seconds = state.get("seconds")
         self._opt_state = state.get("optimizer")

@@ -96,7 +96,7 @@ class ToyTask(Task):
         return {"hidden": cfg.model.hidden}
 
     @torch.no_grad()
-    def evaluate(self, model, cfg, splits, device):
+    def evaluate(self, model, cfg, splits, device, progress=None):
         x = splits["test"].images[0].float().mean(1).flatten(1) / 255.0
         return {"test_mse": float(((model.dec(torch.relu(model.enc(x))) - x) ** 2).sum(1).mean())}
 

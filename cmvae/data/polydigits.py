@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 
 from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.cmvae.data.format import IMAGE_SIZE, MultimodalSplit, write_dataset
+from cmvae_engine.cmvae.progress import ProgressFn, report
 
 # Bump whenever the generated arrays change for the same parameters: caches compare it (see resolve.py).
 GENERATOR_VERSION = 1
@@ -111,12 +112,14 @@ def synth_polydigits(
     n_valid: int = 1000,
     n_test: int = 2000,
     seed: int = 0,
+    progress: ProgressFn | None = None,
 ) -> Path:
-    """Generate PolyDigits and write it to ``dst`` in our format."""
+    """Generate PolyDigits and write it to ``dst`` in our format (``progress``: see make_polydigits_splits; the
+    write is its last unit)."""
     splits = make_polydigits_splits(
-        n_modalities=n_modalities, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed
+        n_modalities=n_modalities, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed, progress=progress
     )
-    return write_dataset(
+    path = write_dataset(
         dst,
         splits,
         name="polydigits",
@@ -128,6 +131,9 @@ def synth_polydigits(
             )
         },
     )
+    total = _work_units(n_modalities, n_valid)
+    report(progress, total, total)
+    return path
 
 
 @overload
@@ -138,6 +144,7 @@ def make_polydigits_splits(
     n_valid: int = ...,
     n_test: int = ...,
     seed: int = ...,
+    progress: ProgressFn | None = ...,
     return_sources: Literal[False] = ...,
 ) -> dict[str, MultimodalSplit]: ...
 
@@ -150,6 +157,7 @@ def make_polydigits_splits(
     n_valid: int = ...,
     n_test: int = ...,
     seed: int = ...,
+    progress: ProgressFn | None = ...,
     return_sources: Literal[True],
 ) -> tuple[dict[str, MultimodalSplit], PolyDigitsTrace]: ...
 
@@ -161,18 +169,24 @@ def make_polydigits_splits(
     n_valid: int = 1000,
     n_test: int = 2000,
     seed: int = 0,
+    progress: ProgressFn | None = None,
     return_sources: bool = False,
 ) -> dict[str, MultimodalSplit] | tuple[dict[str, MultimodalSplit], PolyDigitsTrace]:
     """Generate the splits in memory; ``valid`` is omitted when ``n_valid`` is 0.
 
-    The same arguments give byte-identical arrays (one SeedSequence, one child stream per use).
+    The same arguments give byte-identical arrays (one SeedSequence, one child stream per use). ``progress`` is
+    called with (units done, total): the source images, then each (split, modality), then the write.
     """
     _check_args(n_modalities, n_train, n_valid, n_test)
+    total, done = _work_units(n_modalities, n_valid), 0
+    report(progress, done, total)
     digits, targets = _digits()
     pool_seq, *split_seqs = np.random.SeedSequence(seed).spawn(4)
     pools = _split_pools(targets, np.random.default_rng(pool_seq))
     glyphs = _glyph_bank(digits)
     backgrounds = [_background(f) for f in FAMILIES[:n_modalities]]
+    done += 1
+    report(progress, done, total)
 
     sizes = {"train": n_train, "valid": n_valid, "test": n_test}
     splits: dict[str, MultimodalSplit] = {}
@@ -190,11 +204,18 @@ def make_polydigits_splits(
             mask = _place_glyphs(glyphs, sources[:, k], rng)
             images.append(_compose(backgrounds[k], mask, rng))
             masks.append(mask)
+            done += 1
+            report(progress, done, total)
         splits[name] = MultimodalSplit(images, labels)
         trace.sources[name] = sources
         if return_sources:
             trace.masks[name] = np.stack(masks, axis=1)
     return (splits, trace) if return_sources else splits
+
+
+def _work_units(n_modalities: int, n_valid: int) -> int:
+    """Progress units of a synthesis: the sources, one per (split, modality), the write."""
+    return 2 + n_modalities * (3 if n_valid else 2)
 
 
 def _check_args(n_modalities: int, n_train: int, n_valid: int, n_test: int) -> None:

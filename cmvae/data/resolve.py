@@ -10,6 +10,7 @@ from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.cmvae.data.format import CREATE_HINT, MANIFEST, read_manifest
 from cmvae_engine.cmvae.data.polydigits import generator_params, synth_polydigits
 from cmvae_engine.cmvae.data.polymnist import convert_polymnist
+from cmvae_engine.cmvae.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,21 @@ def default_data_root() -> Path:
 
 
 def resolve_dataset(
-    name_or_path: str, *, data_root: str | Path | None = None, n_modalities: int | None = None, seed: int = 0
+    name_or_path: str, *, data_root: str | Path | None = None, n_modalities: int | None = None, seed: int = 0,
+    progress: ProgressFn | None = None,
 ) -> Path:
     """The folder holding the named data set, creating it first where that can be done offline.
 
     ``polydigits`` is synthesised on first use (and again when its cached parameters differ);
     ``polymnist`` is converted once from the raw ``{root}/PolyMNIST``; anything else is a folder path.
-    Call it from one process only (e.g. rank 0) when it may write.
+    Call it from one process only (e.g. rank 0) when it may write. ``progress`` is called only while a data set
+    is being made (synthesis or conversion), with (units done, total).
     """
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if name_or_path == "polydigits":
-        return _polydigits(root, n_modalities, seed)
+        return _polydigits(root, n_modalities, seed, progress)
     if name_or_path == "polymnist":
-        return _polymnist(root, seed)
+        return _polymnist(root, seed, progress)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise DataError(
@@ -51,7 +54,7 @@ def resolve_dataset(
     return path
 
 
-def _polydigits(root: Path, n_modalities: int | None, seed: int) -> Path:
+def _polydigits(root: Path, n_modalities: int | None, seed: int, progress: ProgressFn | None) -> Path:
     m = DEFAULT_MODALITIES if n_modalities is None else n_modalities
     folder = root / ("polydigits" if m == DEFAULT_MODALITIES else f"polydigits-m{m}")
     wanted = generator_params(n_modalities=m, seed=seed)
@@ -63,16 +66,16 @@ def _polydigits(root: Path, n_modalities: int | None, seed: int) -> Path:
         return folder
     reason = "absent" if not (folder / MANIFEST).exists() else f"generated with other parameters ({found})"
     log.info("synthesising polydigits (M=%d, seed=%d) in %s: cache %s", m, seed, folder, reason)
-    return synth_polydigits(folder, n_modalities=m, seed=seed)
+    return synth_polydigits(folder, n_modalities=m, seed=seed, progress=progress)
 
 
-def _polymnist(root: Path, seed: int) -> Path:
+def _polymnist(root: Path, seed: int, progress: ProgressFn | None) -> Path:
     converted, raw = root / "polymnist", root / "PolyMNIST"
     if (converted / "train" / "m0.npy").is_file():
         return converted
     if (raw / "train" / "m0").is_dir():
         log.info("converting raw PolyMNIST %s to %s (once)", raw, converted)
-        return convert_polymnist(raw, converted, seed=seed)
+        return convert_polymnist(raw, converted, seed=seed, progress=progress)
     raise DataError(
         "PolyMNIST not found (neither converted nor raw)",
         path=converted,

@@ -54,6 +54,9 @@ def train_config(
     drop_last: Annotated[bool, Opt(help="Drop the last partial batch.")] = False,
     eval_every: Annotated[int, Opt(help="Epochs between test evaluations (0: none).")] = 1,
     log_every: Annotated[int, Opt(help="Steps between loss reads (host syncs).")] = 20,
+    log: Annotated[str, Opt(help="Extra logging sinks, comma-separated: tensorboard (RUN/tensorboard/), wandb "
+                                 "(RUN/wandb/; WANDB_MODE=offline works without network). metrics.jsonl and "
+                                 "steps.jsonl are always written.")] = "",
     data_root: Annotated[str | None, Opt(help="Folder of named data sets (default $CMVAE_DATA_DIR or ./data).")] = None,
     device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of parameters, sampling and data order.")] = 0,
@@ -96,7 +99,8 @@ def train_config(
         ckpt=CheckpointConfig(every=checkpoint_every, keep=keep),
         recipe=recipe, fast=FastRecipeConfig.from_flags(fast_disable, fast_enable, fast_set),
         objective=objective, n_samples=samples, beta=beta, seed=seed, device=device, out=out,
-        log_every=log_every, eval_every=eval_every, threads=threads, kernels=kernels, resume=resume, nproc=nproc,
+        log_every=log_every, log=log, eval_every=eval_every, threads=threads, kernels=kernels, resume=resume,
+        nproc=nproc,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # annotations only: the loop's modules import this one
+    from cmvae_engine.cmvae.progress import ProgressFn
     from cmvae_engine.engine.config import TrainConfig
     from cmvae_engine.engine.recipes import Recipe
     from cmvae_engine.engine.trainer import SplitData
@@ -72,9 +73,10 @@ class Task:
         return {}
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig, splits: dict[str, SplitData],
-                 device: torch.device) -> dict:
+                 device: torch.device, progress: ProgressFn | None = None) -> dict:
         """Columns added to the metrics row at evaluation epochs (the loop calls it on rank 0, model in train
-        mode; return it in train mode)."""
+        mode; return it in train mode). `progress`, when given, is called with (units done, total units) as the
+        evaluation goes (e.g. batches), so the loop can show a bar with an ETA."""
         return {}
 
     def save_outputs(self, model: nn.Module, cfg: TrainConfig, splits: dict[str, SplitData], out: Path,

@@ -78,6 +78,17 @@ def majority_vote(per_modality: torch.Tensor, n_clusters: int) -> torch.Tensor:
     return counts.argmax(dim=1)  # argmax returns the first maximum: the lowest id
 
 
+def assign_by_rule(resp: torch.Tensor, rule: str = "vote") -> tuple[torch.Tensor, torch.Tensor]:
+    """resp [M, N, K] -> (assigned cluster [N], confidence max_c mean_m p(c|z_m) [N]).
+
+    `vote`: majority vote over modalities of argmax_c p(c|z_m) (ties to the lowest id); `confidence`: argmax of
+    the modality-averaged responsibility."""
+    confidence, top = resp.mean(0).max(dim=-1)
+    if rule == "confidence":
+        return top, confidence
+    return majority_vote(resp.argmax(dim=-1), resp.shape[-1]), confidence
+
+
 def assign_clusters(resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Responsibilities [M, N, K] -> (per-modality argmax [M, N], majority vote [N])."""
     per_mod = resp.argmax(dim=-1)

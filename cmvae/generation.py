@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.progress import ProgressFn, report
 
 
 def cluster_order(model: CMVAE) -> list[int]:
@@ -35,11 +36,15 @@ def _spaced(groups: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def unconditional_grid(model: CMVAE, clusters: list[int], n: int,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rows: the given clusters; columns: n samples of modality 0, a blank, n of modality 1, ..."""
+                       generator: torch.Generator | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+    """Rows: the given clusters; columns: n samples of modality 0, a blank, n of modality 1, ...
+    `progress`: (rows done, rows)."""
     if not clusters:
         raise ValueError("no cluster to draw from")
-    per_cluster = [model.generate(n, cluster=c, generator=generator) for c in clusters]  # each [M, n, C, H, W]
+    per_cluster = []  # each [M, n, C, H, W]
+    for c in clusters:
+        per_cluster.append(model.generate(n, cluster=c, generator=generator))
+        report(progress, len(per_cluster), len(clusters))
     rows = torch.stack(per_cluster)  # [rows, M, n, C, H, W]
     return _spaced([rows[:, m] for m in range(rows.shape[1])])
 

@@ -19,6 +19,16 @@ def confusion(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
     return mat
 
 
+def contingency(labels: np.ndarray, clusters: np.ndarray) -> dict:
+    """{'clusters': cluster ids in use, 'labels': label values, 'counts': [cluster][label]} (JSON-ready)."""
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    label_ids, li = np.unique(labels, return_inverse=True)
+    cluster_ids, ci = np.unique(clusters, return_inverse=True)
+    mat = np.zeros((len(cluster_ids), len(label_ids)), dtype=np.int64)
+    np.add.at(mat, (ci, li), 1)
+    return {"clusters": cluster_ids.tolist(), "labels": label_ids.tolist(), "counts": mat.tolist()}
+
+
 def cluster_acc(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Accuracy under the best one-to-one map of clusters to labels (Hungarian on the padded confusion)."""
     if len(labels) == 0:

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmvae_engine.cmvae.clustering import majority_vote, to_float
+from cmvae_engine.cmvae.clustering import assign_by_rule, to_float
 from cmvae_engine.cmvae.distributions import log_prob, rsample
 from cmvae_engine.cmvae.metrics import clustering_scores
 from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.progress import ProgressFn, batches, report
 
 ENTROPY_NORMS = ("initial", "active")
 ASSIGN_RULES = ("vote", "confidence")
@@ -90,14 +91,6 @@ def _posterior(comp: torch.Tensor, log_pi: torch.Tensor) -> tuple[torch.Tensor, 
     return logp, resp, entropy
 
 
-def _assign(resp: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """resp [M, N, K] -> (assigned cluster [N], confidence max_c mean_m p(c|z_m) [N])."""
-    confidence, top = resp.mean(0).max(dim=-1)
-    if rule == "confidence":
-        return top, confidence
-    return majority_vote(resp.argmax(dim=-1), resp.shape[-1]), confidence
-
-
 @torch.no_grad()
 def assign_with(model: CMVAE, z: torch.Tensor, active: torch.Tensor | list[int] | None = None,
                 assign: str = "vote", comp: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +98,7 @@ def assign_with(model: CMVAE, z: torch.Tensor, active: torch.Tensor | list[int] 
     _check_assign(assign)
     mask = _as_mask(model, active)
     comp = component_logpdf(model, z) if comp is None else comp
-    return _assign(_posterior(comp, masked_log_pi(model, mask))[1], assign)[0]
+    return assign_by_rule(_posterior(comp, masked_log_pi(model, mask))[1], assign)[0]
 
 
 def _as_mask(model: CMVAE, active: torch.Tensor | list[int] | None) -> torch.Tensor:
@@ -166,7 +159,7 @@ def prune_latents(model: CMVAE, z: torch.Tensor, *, beta: float, labels=None, en
         # Means over modalities, then over data; with one active cluster the entropy is exactly 0.
         ent = (entropy / norm).mean(0).mean() if norm > 0 else entropy.new_zeros(())
         loglik = (logp / n_dz).mean(0).mean()
-        cluster, confidence = _assign(resp, assign)
+        cluster, confidence = assign_by_rule(resp, assign)
         masks.append(active.clone())
         pnes.append(beta * ent - loglik)
         ents.append(ent)
@@ -205,8 +198,9 @@ def _choose(curve: list[dict]) -> PruneResult:
 
 @torch.no_grad()
 def draw_latents(model: CMVAE, images: torch.Tensor, *, batch_size: int = 512,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One encoder pass over images [M, N, C, H, W] (uint8 or float) -> one z ~ q_m(z|x_m) each [M, N, Dz]."""
+                 generator: torch.Generator | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+    """One encoder pass over images [M, N, C, H, W] (uint8 or float) -> one z ~ q_m(z|x_m) each [M, N, Dz].
+    `progress`: (batches done, batches)."""
     device = model.prior_logits.device
     was_training = model.training
     model.eval()
@@ -215,6 +209,7 @@ def draw_latents(model: CMVAE, images: torch.Tensor, *, batch_size: int = 512,
         for start in range(0, images.shape[1], batch_size):
             post = model.encode(to_float(images[:, start:start + batch_size].to(device, non_blocking=True)))
             zs.append(rsample(post.z_loc, post.z_scale, model.config.family, generator=generator))
+            report(progress, len(zs), batches(images.shape[1], batch_size))
     finally:
         model.train(was_training)
     return torch.cat(zs, dim=1)

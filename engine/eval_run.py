@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
@@ -20,20 +21,21 @@ from cmvae_engine.cmvae.evaluation.classifier import (
     ClassifierSet,
     find_classifiers,
     load_classifier_folder,
+    weak_classifiers,
 )
 from cmvae_engine.cmvae.evaluation.clustering import clustering_evaluation
 from cmvae_engine.cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
 from cmvae_engine.cmvae.evaluation.latent_probe import latent_classification, subsample
 from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.loaders import stack_modalities
+from cmvae_engine.engine.progress import Board, format_duration
 from cmvae_engine.engine.run import LoadedRun, load_run
+from cmvae_engine.engine.run_info import run_info
 from cmvae_engine.engine.trainer import resolve_device
 
 PRUNED = "pruned.pt"
 CHECKPOINT = "checkpoint.pt"
 EVAL_JSON = "eval.json"
-WEAK_CLASSIFIER = 0.9
-"""Below this recorded test accuracy a classifier is flagged: coherence cannot be judged above it."""
 
 
 @dataclass
@@ -182,58 +184,83 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
         "modalities": ds.modality_names, "device": str(device), "seed": cfg.seed,
         "model": {"kind": mcfg.kind, "n_clusters": mcfg.n_clusters, "width": mcfg.width, "reduced": mcfg.reduced,
                   "epoch": run.state.get("epoch"), "step": run.state.get("step")},
-        "config": asdict(cfg), "notes": notes,
+        "config": asdict(cfg), "notes": notes, "run_info": run_info(device),
     }
     timings = {"load_s": time.perf_counter() - t_start}
     console.print(f"[bold]cmvae-engine eval[/] {run_dir} ({ckpt}, {cfg.split} split, {split.n} tuples) on {device}"
                   + (" [yellow]REDUCED networks[/]" if mcfg.reduced else ""))
 
-    if do_clustering:
-        t = time.perf_counter()
-        result["clustering"] = clustering_evaluation(model, images, labels, batch_size=cfg.batch_size,
-                                                     generator=_generator(device, cfg.seed))
-        timings["clustering_s"] = time.perf_counter() - t
-    if classifiers is not None:
-        t = time.perf_counter()
-        coh: dict = {"classifiers": classifiers.describe()}
-        weak = [f"m{m}: {a:.3f}" for m, a in enumerate(classifiers.test_accuracy or []) if a < WEAK_CLASSIFIER]
-        if weak:
-            notes.append(f"digit classifiers below {WEAK_CLASSIFIER:.0%} test accuracy ({', '.join(weak)}): coherence "
-                         "is bounded by them; retrain with more --epochs (`cmvae-engine classifiers train`)")
-        if labels is not None:
-            coh["conditional"] = conditional_coherence(model, classifiers, images, labels, batch_size=cfg.batch_size,
-                                                       generator=_generator(device, cfg.seed + 1))
-        else:
-            notes.append("conditional coherence skipped: no labels in the split")
-        unc = unconditional_coherence(model, classifiers, cfg.n_unconditional, batch_size=cfg.batch_size,
-                                      generator=_generator(device, cfg.seed + 2))
-        coh["unconditional"] = unc.pop("coherence")
-        coh["unconditional_detail"] = unc
-        result["coherence"] = coh
-        timings["coherence_s"] = time.perf_counter() - t
-    if do_latent:
-        t = time.perf_counter()
-        # Subsample before stacking: the whole PolyMNIST train split is ~706 MB as uint8.
-        idx = subsample(train.n, cfg.n_latent_train, np.random.default_rng(cfg.seed))
-        result["latent_classification"] = latent_classification(
-            model, stack_modalities([m[idx] for m in train.modalities]), train.labels[idx], images, labels,
-            n_train=None, n_test=None, seed=cfg.seed, batch_size=cfg.batch_size)
-        timings["latent_s"] = time.perf_counter() - t
-    if fid_net is not None:
-        t = time.perf_counter()
-        result["fid"] = fid_mod.fid_scores(
-            model, fid_net, fid_images, n=cfg.n_fid, batch_size=max(1, cfg.batch_size // 2),
-            generator=_generator(device, cfg.seed + 3), min_samples=cfg.fid_min_samples,
-            log=lambda s: console.print(s, markup=False))
-        result["fid"]["weights"] = str(fid_weights)
-        result["fid"]["split"] = cfg.fid_split or cfg.split
-        timings["fid_s"] = time.perf_counter() - t
+    with Board(console) as board:
+        if do_clustering:
+            t = time.perf_counter()
+            with board.phase(f"clustering: encoding {split.n:,} tuples", done_line=False) as bar:
+                result["clustering"] = clustering_evaluation(model, images, labels, batch_size=cfg.batch_size,
+                                                             generator=_generator(device, cfg.seed), progress=bar)
+            timings["clustering_s"] = time.perf_counter() - t
+            _section_done(result, "clustering", timings["clustering_s"], console)
+        if classifiers is not None:
+            t = time.perf_counter()
+            coh: dict = {"classifiers": classifiers.describe()}
+            warning = weak_classifiers(classifiers.test_accuracy)
+            if warning:
+                notes.append(warning)
+                coh["weak_classifiers"] = warning
+                console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+            if labels is not None:
+                with board.phase(f"coherence: conditional, {mcfg.n_modalities} sources x {split.n:,} tuples",
+                                 done_line=False) as bar:
+                    coh["conditional"] = conditional_coherence(
+                        model, classifiers, images, labels, batch_size=cfg.batch_size,
+                        generator=_generator(device, cfg.seed + 1), progress=bar)
+            else:
+                notes.append("conditional coherence skipped: no labels in the split")
+            with board.phase(f"coherence: unconditional, {cfg.n_unconditional:,} prior samples",
+                             done_line=False) as bar:
+                unc = unconditional_coherence(model, classifiers, cfg.n_unconditional, batch_size=cfg.batch_size,
+                                              generator=_generator(device, cfg.seed + 2), progress=bar)
+            coh["unconditional"] = unc.pop("coherence")
+            coh["unconditional_detail"] = unc
+            result["coherence"] = coh
+            timings["coherence_s"] = time.perf_counter() - t
+            _section_done(result, "coherence", timings["coherence_s"], console)
+        if do_latent:
+            t = time.perf_counter()
+            # Subsample before stacking: the whole PolyMNIST train split is ~706 MB as uint8.
+            idx = subsample(train.n, cfg.n_latent_train, np.random.default_rng(cfg.seed))
+            with board.phase(f"latent probes: {len(idx):,} train and {split.n:,} {cfg.split} tuples",
+                             done_line=False) as bar:
+                result["latent_classification"] = latent_classification(
+                    model, stack_modalities([m[idx] for m in train.modalities]), train.labels[idx], images, labels,
+                    n_train=None, n_test=None, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar)
+            timings["latent_s"] = time.perf_counter() - t
+            _section_done(result, "latent_classification", timings["latent_s"], console)
+        if fid_net is not None:
+            t = time.perf_counter()
+            with board.phase(f"FID: {mcfg.n_modalities} modalities, {cfg.n_fid:,} samples each",
+                             total=2 + mcfg.n_modalities, done_line=False) as bar:
+                def log(line: str) -> None:
+                    console.print(line, markup=False)
+                    bar.advance()
+
+                result["fid"] = fid_mod.fid_scores(
+                    model, fid_net, fid_images, n=cfg.n_fid, batch_size=max(1, cfg.batch_size // 2),
+                    generator=_generator(device, cfg.seed + 3), min_samples=cfg.fid_min_samples, log=log)
+            result["fid"]["weights"] = str(fid_weights)
+            result["fid"]["split"] = cfg.fid_split or cfg.split
+            timings["fid_s"] = time.perf_counter() - t
+            _section_done(result, "fid", timings["fid_s"], console)
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = timings
     atomic_write_json(run_dir / EVAL_JSON, result)
-    render_eval(result, console)
-    console.print(f"wrote {run_dir / EVAL_JSON} in {timings['total_s']:.1f}s", markup=False)
+    render_notes(result, console)
+    console.print(f"wrote {run_dir / EVAL_JSON} in {format_duration(timings['total_s'])}", markup=False)
     return result
+
+
+def _section_done(result: dict, key: str, seconds: float, console: Console) -> None:
+    """A section's table as soon as it is computed, with its time."""
+    render_section(result, key, console)
+    console.print(f"({key.replace('_', ' ')}: {format_duration(seconds)})", markup=False, style="dim")
 
 
 # ----- on screen ---------------------------------------------------------------------------------------
@@ -244,17 +271,29 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def render_eval(result: dict, console: Console) -> None:
-    """Tables of every section present in an eval.json dict."""
+    """Tables of every section present in an eval.json dict, then its notes and timings."""
+    for key in SECTIONS:
+        render_section(result, key, console)
+    render_notes(result, console)
+
+
+SECTIONS = ("clustering", "coherence", "latent_classification", "fid")
+
+
+def render_section(result: dict, key: str, console: Console) -> None:
+    """The table of one section of an eval.json dict (nothing when it is absent)."""
+    if key not in result:
+        return
     names = result.get("modalities") or []
     label = {f"m{i}": (f"m{i} {n}" if n != f"m{i}" else n) for i, n in enumerate(names)}
-    if "clustering" in result:
+    if key == "clustering":
         c = result["clustering"]
         t = Table("assignment", "NMI", "ARI", "ACC", "clusters used",
                   title=f"Clustering ({c['active_clusters']} active clusters)")
-        for key, s in [("vote", c["vote"]), *c["per_modality"].items()]:
-            t.add_row(label.get(key, key), _f(s["nmi"]), _f(s["ari"]), _f(s["acc"]), str(s["n_clusters"]))
+        for k, s in [("vote", c["vote"]), *c["per_modality"].items()]:
+            t.add_row(label.get(k, k), _f(s["nmi"]), _f(s["ari"]), _f(s["acc"]), str(s["n_clusters"]))
         console.print(t)
-    if "coherence" in result:
+    elif key == "coherence":
         coh = result["coherence"]
         clf = coh["classifiers"]
         acc = clf.get("test_accuracy")
@@ -270,15 +309,17 @@ def render_eval(result: dict, console: Console) -> None:
             console.print(t)
         console.print(f"Unconditional coherence: {coh['unconditional']:.3f} "
                       f"({coh['unconditional_detail']['n']} prior samples)")
-    if "latent_classification" in result:
+        if coh.get("weak_classifiers"):
+            console.print(f"[bold yellow]warning:[/] {escape(coh['weak_classifiers'])}")
+    elif key == "latent_classification":
         lc = result["latent_classification"]
         t = Table("modality", "z accuracy", "w accuracy",
                   title=f"Latent classification (linear probe; {lc['n_train']} train / {lc['n_test']} test, "
                         f"chance {lc['chance']:.3f})")
-        for key in [k for k in lc["z"] if k != "mean"] + ["mean"]:
-            t.add_row(label.get(key, key), _f(lc["z"][key]), _f(lc["w"][key]))
+        for k in [k for k in lc["z"] if k != "mean"] + ["mean"]:
+            t.add_row(label.get(k, k), _f(lc["z"][k]), _f(lc["w"][k]))
         console.print(t)
-    if "fid" in result:
+    elif key == "fid":
         fid = result["fid"]
         m_count = len(fid["conditional"]["matrix"])
         t = Table("target", "unconditional", *[f"from m{s}" for s in range(m_count)],
@@ -290,7 +331,10 @@ def render_eval(result: dict, console: Console) -> None:
                       *[_f(fid["conditional"]["matrix"][s][tgt], 2) for s in range(m_count)])
         t.add_row("mean", _f(fid["unconditional"]["mean"], 2), *[""] * m_count)
         console.print(t)
+
+
+def render_notes(result: dict, console: Console) -> None:
     for note in result.get("notes", []):
         console.print(f"note: {note}", markup=False)
     tm = result.get("timings", {})
-    console.print("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in tm.items()), markup=False)
+    console.print("time: " + ", ".join(f"{k[:-2]} {format_duration(v)}" for k, v in tm.items()), markup=False)

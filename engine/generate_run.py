@@ -8,6 +8,7 @@ modality generated from them), or cluster_{c}.png with --cluster; and generate.j
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -16,9 +17,11 @@ from rich.console import Console
 from cmvae_engine.cmvae.clustering import to_float
 from cmvae_engine.cmvae.generation import cluster_grid, cluster_order, conditional_grid, unconditional_grid
 from cmvae_engine.engine.checkpoint import atomic_write_json
-from cmvae_engine.engine.images import save_grid
+from cmvae_engine.engine.images import cluster_labels, save_grid
+from cmvae_engine.engine.progress import Board
 from cmvae_engine.engine.prune_run import load_split, model_checkpoint
 from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.run_info import run_info
 
 MANIFEST = "generate.json"
 
@@ -53,33 +56,51 @@ def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None,
     g = torch.Generator(device=dev)
     g.manual_seed(seed)
     order = cluster_order(model)
+    mass = model.prior_params()[0].detach().exp().cpu().tolist()
+    pruned = ckpt != "checkpoint.pt"
+    stage = (f"after pruning ({len(order)} of {model.config.n_clusters} clusters kept)" if pruned
+             else "before pruning (no pruned.pt)")
     files: dict[str, dict] = {}
+    t0 = time.perf_counter()
 
     if cluster is not None:
         if cluster not in order:
             raise ValueError(f"--cluster {cluster} is not an active cluster of {run_dir / ckpt}; active clusters: "
                              f"{', '.join(map(str, sorted(order)))}")
-        save_grid(out / f"cluster_{cluster}.png", cluster_grid(model, cluster, n, generator=g))
+        save_grid(out / f"cluster_{cluster}.png", cluster_grid(model, cluster, n, generator=g), row_labels=names,
+                  title=f"cluster {cluster}, prior mass {mass[cluster]:.3f}, {stage}")
         files[f"cluster_{cluster}.png"] = {
             "kind": "cluster", "cluster": cluster,
-            "caption": f"cluster {cluster}: rows are modalities ({', '.join(names)}), columns {n} samples"}
+            "caption": f"cluster {cluster} (prior mass {mass[cluster]:.3f}, {stage}): rows are modalities "
+                       f"({', '.join(names)}), columns {n} samples"}
     else:
-        save_grid(out / "unconditional.png", unconditional_grid(model, order, n, generator=g))
-        files["unconditional.png"] = {
-            "kind": "unconditional", "clusters": order,
-            "caption": f"one row per active cluster (by prior mass: {', '.join(map(str, order))}); columns: {n} "
-                       f"samples of each modality ({', '.join(names)})"}
-        images, _, _, _ = load_split(run.config, "test", data_root)
-        x = to_float(images[:, :n].to(dev))
-        for s in range(m):
-            name = f"conditional_m{s}.png"
-            save_grid(out / name, conditional_grid(model, x, s, generator=g))
-            files[name] = {"kind": "conditional", "source": s,
-                           "caption": f"first row: {names[s]} test inputs; then {', '.join(names)} generated "
-                                      f"from them (w from the prior)"}
+        with Board(console) as board:
+            with board.phase(f"generate: {len(order)} clusters x {m} modalities x {n} samples",
+                             done_line=False) as bar:
+                grid = unconditional_grid(model, order, n, generator=g, progress=bar)
+            save_grid(out / "unconditional.png", grid, row_labels=cluster_labels(order, mass),
+                      title=f"{stage}: one row per cluster by prior mass; {n} samples of each modality")
+            files["unconditional.png"] = {
+                "kind": "unconditional", "clusters": order,
+                "caption": f"{stage}: one row per active cluster, labelled with its id and prior mass (largest "
+                           f"first); columns: {n} samples of each modality ({', '.join(names)})"}
+            images, _, _, _ = load_split(run.config, "test", data_root)
+            x = to_float(images[:, :n].to(dev))
+            with board.phase(f"generate: cross-modal grids from {m} source modalities", total=m,
+                             done_line=False) as bar:
+                for s in range(m):
+                    name = f"conditional_m{s}.png"
+                    save_grid(out / name, conditional_grid(model, x, s, generator=g),
+                              row_labels=[f"input {names[s]}"] + names,
+                              title=f"from {names[s]} ({n} test inputs; w from the prior)")
+                    files[name] = {"kind": "conditional", "source": s,
+                                   "caption": f"first row: {names[s]} test inputs; then {', '.join(names)} "
+                                              f"generated from them (w from the prior)"}
+                    bar.advance()
 
     manifest = _merge(out / MANIFEST, {"checkpoint": ckpt, "n": n, "seed": seed, "modalities": names,
-                                      "clusters": order, "files": files})
+                                      "clusters": order, "prior_mass": mass, "pruned": pruned, "files": files,
+                                      "seconds": time.perf_counter() - t0, "run_info": run_info(dev)})
     atomic_write_json(out / MANIFEST, manifest)
     console.print(f"wrote {', '.join(files)} to {out} (model: {ckpt}, {len(order)} active clusters)", markup=False)
     return manifest

@@ -26,12 +26,54 @@ def grid_array(images: torch.Tensor, pad: int = 2, pad_value: float = 1.0) -> np
     return (canvas.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_grid(path: str | Path, images: torch.Tensor, scale: int = 2) -> Path:
-    """Save images [rows, cols, C, H, W] as one PNG, each pixel enlarged `scale` times for viewing."""
+TITLE_HEIGHT = 18
+"""Pixels above a grid that has a title."""
+
+
+def cluster_labels(order: list[int], mass: list[float]) -> list[str]:
+    """Row labels of a per-cluster grid: the cluster id and its prior mass."""
+    return [f"c{c}  pi {mass[c]:.3f}" for c in order]
+
+
+def labelled(img: Image.Image, row_labels: list[str] | None, title: str | None, pad: int) -> Image.Image:
+    """The grid with a label left of each row and a title line above (white margins, black text)."""
+    if not row_labels and not title:
+        return img
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+
+    def width(text: str) -> int:
+        box = draw.textbbox((0, 0), text, font=font)
+        return box[2] - box[0]
+
+    rows = len(row_labels or [])
+    left = (max(width(t) for t in row_labels) + 10) if rows else 0
+    top = TITLE_HEIGHT if title else 0
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title, fill="black", font=font)
+    if rows:
+        row_h = (img.height - pad) / rows
+        for r, text in enumerate(row_labels):
+            draw.text((4, top + pad + r * row_h + row_h / 2 - 6), text, fill="black", font=font)
+    return canvas
+
+
+def save_grid(path: str | Path, images: torch.Tensor, scale: int = 2, row_labels: list[str] | None = None,
+              title: str | None = None) -> Path:
+    """Save images [rows, cols, C, H, W] as one PNG, each pixel enlarged `scale` times for viewing; optionally
+    with a label left of each row and a title above."""
+    if row_labels is not None and len(row_labels) != images.shape[0]:
+        raise ValueError(f"{len(row_labels)} row labels for {images.shape[0]} rows")
     arr = grid_array(images)
     img = Image.fromarray(arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = labelled(img, row_labels, title, pad=2 * scale)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -43,8 +43,7 @@ class Phase:
 
     def _show(self) -> None:
         if self._task is None and self._board is not None:
-            self._task = self._board.progress.add_task(self._description, total=self.total, completed=self.done,
-                                                       stats="")
+            self._task = self._board.add_task(self._description, total=self.total, completed=self.done, stats="")
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, max(total, 1)
@@ -79,13 +78,24 @@ class Board:
     def __init__(self, console: Console, disable: bool = False):
         self.console = console
         self.progress = Progress(*progress_columns(), console=console, disable=disable)
+        self._open = self._live = False
 
     def __enter__(self) -> Board:
-        self.progress.start()
+        self._open = True
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        self._open = False
+        if self._live:
+            self.progress.stop()
+            self._live = False
+
+    def add_task(self, description: str, **kw):
+        """The live display starts with its first bar (a board that shows nothing leaves no trace)."""
+        if self._open and not self._live:
+            self.progress.start()
+            self._live = True
+        return self.progress.add_task(description, **kw)
 
     def bar(self, description: str, total: int, completed: int = 0) -> Phase:
         """A bar that stays (the training steps); `phase` is for bars that end."""

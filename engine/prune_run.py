@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
-from cmvae_engine.cmvae.metrics import clustering_scores
+from cmvae_engine.cmvae.metrics import clustering_scores, contingency
 from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.cmvae.prune import (
     PruneResult,
@@ -34,7 +34,9 @@ from cmvae_engine.cmvae.prune import (
 from cmvae_engine.engine.checkpoint import atomic_write_bytes, atomic_write_json, save_checkpoint
 from cmvae_engine.engine.config import TrainConfig
 from cmvae_engine.engine.loaders import stack_modalities
+from cmvae_engine.engine.progress import Board
 from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.run_info import run_info
 
 PRUNED_CHECKPOINT = "pruned.pt"
 
@@ -176,27 +178,33 @@ def prune_run(run_dir: str | Path, *, entropy_norm: str = "initial", assign: str
     g = torch.Generator(device=dev)
     g.manual_seed(seed)
 
+    mass_before = model.prior_params()[0].detach().exp().cpu().tolist()
     t0 = time.perf_counter()
-    z = draw_latents(model, images, batch_size=batch_size, generator=g)
-    _sync(dev)
-    t1 = time.perf_counter()
-    result = prune_latents(model, z, beta=cfg.beta, labels=labels, entropy_norm=entropy_norm, assign=assign)
-    _sync(dev)
-    t2 = time.perf_counter()
-    test_images, test_labels, _, _ = load_split(cfg, "test", data_root)
-    z_test = draw_latents(model, test_images, batch_size=batch_size, generator=g)
-    test_assign = score_steps(model, z_test, test_labels, result.curve, assign)
-    _sync(dev)
+    with Board(console) as board:
+        with board.phase(f"prune: encoding the {used} split ({images.shape[1]:,} tuples)") as bar:
+            z = draw_latents(model, images, batch_size=batch_size, generator=g, progress=bar)
+            _sync(dev)
+        t1 = time.perf_counter()
+        result = prune_latents(model, z, beta=cfg.beta, labels=labels, entropy_norm=entropy_norm, assign=assign)
+        _sync(dev)
+        t2 = time.perf_counter()
+        test_images, test_labels, _, _ = load_split(cfg, "test", data_root)
+        with board.phase(f"prune: scoring every step on the test split ({test_images.shape[1]:,} tuples)") as bar:
+            z_test = draw_latents(model, test_images, batch_size=batch_size, generator=g, progress=bar)
+            test_assign = score_steps(model, z_test, test_labels, result.curve, assign)
+            _sync(dev)
     t3 = time.perf_counter()
 
     step = next(i for i, e in enumerate(result.curve) if e["active"] == result.chosen)
     if test_labels is not None:
         test = clustering_scores(test_labels, test_assign[step])
+        test["confusion"] = contingency(test_labels, test_assign[step])
     else:
         test = {"nmi": None, "ari": None, "acc": None, "n_clusters": int(len(np.unique(test_assign[step])))}
     test.update({"k": result.chosen_k, "n": int(test_images.shape[1])})
 
     apply_pruning(model, result.chosen)
+    mass_after = model.prior_params()[0].detach().exp().cpu().tolist()
     save_checkpoint(run_dir / PRUNED_CHECKPOINT, model=model, optimizer=None, config=cfg.to_dict(),
                     state={**run.state, "pruned": {"from": "checkpoint.pt", "chosen": result.chosen,
                                                    "chosen_k": result.chosen_k, "improved": result.improved}})
@@ -211,9 +219,11 @@ def prune_run(run_dir: str | Path, *, entropy_norm: str = "initial", assign: str
         "falls_throughout": falls_throughout(result),
         "common_random_numbers": "one z draw per datapoint and modality, reused at every step",
         "test": test, "curve": result.curve,
+        "prior_mass": {"before": mass_before, "after": mass_after},
         "timing": {"encode_s": t1 - t0, "steps_s": t2 - t1, "test_s": t3 - t2, "select_s": t2 - t0,
                    "total_s": time.perf_counter() - t_all},
         "work": work_count(model, int(images.shape[1]), tuple(images.shape[2:])),
+        "run_info": run_info(dev),
     }
     png = plot_curve(result.curve, result.chosen_k, result.baseline_score,
                      title=f"{run_dir.name}: chosen K = {result.chosen_k} of {k0}")

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmvae_engine.cmvae.clustering import to_float
+from cmvae_engine.cmvae.progress import ProgressFn, batches, report, shifted
 
 PRETRAINED_DIR = "trained_clfs_polyMNIST"
 PRETRAINED_FILE = "pretrained_img_to_digit_clf_m{}"
 OWN_DIR = "classifiers"
 OWN_FILE = "m{}.pt"
 OWN_META = "classifiers.json"
+WEAK_ACCURACY = 0.9
+"""Below this test accuracy a classifier is flagged as weak: coherence measured with it is bounded by it."""
 
 
 class DigitClassifier(nn.Module):
@@ -68,6 +71,18 @@ class ClassifierSet:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "folder": str(self.folder), "test_accuracy": self.test_accuracy}
+
+
+def weak_classifiers(accuracy: list[float] | None, n_classes: int = 10) -> str | None:
+    """A warning naming the classifiers below WEAK_ACCURACY (and those near chance), or None when all are fine."""
+    weak = [(m, a) for m, a in enumerate(accuracy or []) if not a >= WEAK_ACCURACY]
+    if not weak:
+        return None
+    chance = 1.0 / n_classes
+    listed = ", ".join(f"m{m} {a:.3f}" + (" (chance level)" if a < 2 * chance else "") for m, a in weak)
+    return (f"weak digit classifiers ({listed}): below {WEAK_ACCURACY:.0%} test accuracy (chance "
+            f"{chance:.2f}); coherence measured with them says little about the model. Retrain them with more "
+            "epochs: `cmvae-engine classifiers train DATASET --epochs 10`")
 
 
 @torch.no_grad()
@@ -157,8 +172,10 @@ def find_classifiers(data_folder: str | Path, n_modalities: int, in_channels: in
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, *, n_classes: int, epochs: int, batch_size: int = 128,
     lr: float = 1e-3, device: torch.device | str = "cpu", seed: int = 0, max_steps: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> DigitClassifier:
-    """Adam + cross-entropy on uint8 images [N, C, H, W] kept on the device; a fresh permutation per epoch."""
+    """Adam + cross-entropy on uint8 images [N, C, H, W] kept on the device; a fresh permutation per epoch.
+    `progress`: (steps done, steps)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = DigitClassifier(images.shape[1], n_classes).to(device).train()
@@ -166,6 +183,8 @@ def train_classifier(
     x_all, y_all = images.to(device), labels.to(device)
     g = torch.Generator(device=device).manual_seed(seed)
     step = 0
+    total = epochs * batches(len(x_all), batch_size)
+    total = min(total, max_steps) if max_steps is not None else total
     for _ in range(epochs):
         perm = torch.randperm(len(x_all), generator=g, device=device)
         for i in range(0, len(perm), batch_size):
@@ -175,6 +194,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             step += 1
+            report(progress, step, total)
             if max_steps is not None and step >= max_steps:
                 return model.eval()
     return model.eval()
@@ -188,9 +208,11 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
 def train_classifier_set(
     splits: dict, *, dataset: str, epochs: int, batch_size: int = 128, lr: float = 1e-3,
     device: torch.device | str = "cpu", seed: int = 0, max_steps: int | None = None, log=print,
+    progress: ProgressFn | None = None,
 ) -> tuple[list[DigitClassifier], dict]:
     """Train one classifier per modality on `splits['train']` and score it on `splits['test']` (MultimodalSplit
-    objects with labels). Returns the models and the record that goes to `classifiers.json`."""
+    objects with labels). Returns the models and the record that goes to `classifiers.json`. `progress`:
+    (steps done, steps) over all modalities."""
     train, test = splits["train"], splits["test"]
     if train.labels is None or test.labels is None:
         raise ValueError(f"{dataset}: the train and test splits need labels.npy to train digit classifiers")
@@ -198,10 +220,13 @@ def train_classifier_set(
     y_train = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
     y_test = torch.from_numpy(np.asarray(test.labels, dtype=np.int64))
     models, acc, t0 = [], [], time.perf_counter()
+    per_model = epochs * batches(train.n, batch_size)
+    per_model = min(per_model, max_steps) if max_steps is not None else per_model
+    total = per_model * train.n_modalities
     for m in range(train.n_modalities):
         model = train_classifier(torch.from_numpy(np.asarray(train.modalities[m])), y_train, n_classes=n_classes,
                                  epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed + m,
-                                 max_steps=max_steps)
+                                 max_steps=max_steps, progress=shifted(progress, m * per_model, total))
         acc.append(accuracy(model, torch.from_numpy(np.asarray(test.modalities[m])), y_test))
         models.append(model)
         log(f"m{m}: test accuracy {acc[-1]:.4f}")

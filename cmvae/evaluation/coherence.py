@@ -13,14 +13,16 @@ import torch
 from cmvae_engine.cmvae.clustering import to_float
 from cmvae_engine.cmvae.evaluation.classifier import ClassifierSet, predict
 from cmvae_engine.cmvae.model import CMVAE
+from cmvae_engine.cmvae.progress import ProgressFn, batches, report
 
 
 @torch.no_grad()
 def conditional_coherence(
     model: CMVAE, classifiers: ClassifierSet, images: torch.Tensor, labels: np.ndarray, *,
-    batch_size: int = 1024, generator: torch.Generator | None = None,
+    batch_size: int = 1024, generator: torch.Generator | None = None, progress: ProgressFn | None = None,
 ) -> dict:
     """images uint8 [M, N, C, H, W], labels [N] -> {'matrix' [source][target], 'per_target', 'average'}.
+    `progress`: (batches x sources done, total).
 
     `average` is the mean over source != target pairs, as the reference (mean over sources per target,
     then over targets; equal counts make the two the same); the diagonal (a modality re-generated from
@@ -30,6 +32,7 @@ def conditional_coherence(
     m_count, n = images.shape[0], images.shape[1]
     y = torch.as_tensor(np.asarray(labels), device=device)
     hits = torch.zeros(m_count, m_count, dtype=torch.long, device=device)
+    work, done = batches(n, batch_size) * m_count, 0
     for start in range(0, n, batch_size):
         x = to_float(images[:, start:start + batch_size].to(device))
         yb = y[start:start + batch_size]
@@ -37,6 +40,8 @@ def conditional_coherence(
             gen = model.generate_conditional(x[s], s, generator=generator)  # [M, B, C, H, W]
             for t in range(m_count):
                 hits[s, t] += (predict(classifiers.models[t], gen[t]) == yb).sum()
+            done += 1
+            report(progress, done, work)
     matrix = (hits.double() / n).cpu().numpy()  # sync point
     off = ~np.eye(m_count, dtype=bool)
     per_target = [float(matrix[:, t][off[:, t]].mean()) for t in range(m_count)]
@@ -46,10 +51,11 @@ def conditional_coherence(
 @torch.no_grad()
 def unconditional_coherence(
     model: CMVAE, classifiers: ClassifierSet, n: int, *, batch_size: int = 1024,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, progress: ProgressFn | None = None,
 ) -> dict:
     """Fraction of n prior samples whose M predicted labels all agree, plus how often each agreed label
-    occurs (a model that draws one digit everywhere is coherent but useless: the counts show it)."""
+    occurs (a model that draws one digit everywhere is coherent but useless: the counts show it).
+    `progress`: (batches done, batches)."""
     device = next(model.parameters()).device
     coherent = torch.zeros((), dtype=torch.long, device=device)
     n_classes = classifiers.models[0].encoder[-1].out_features
@@ -60,4 +66,5 @@ def unconditional_coherence(
         agree = (pred == pred[:1]).all(dim=0)
         coherent += agree.sum()
         counts += torch.bincount(pred[0][agree], minlength=n_classes)
+        report(progress, start // batch_size + 1, batches(n, batch_size))
     return {"coherence": int(coherent) / n, "n": n, "agreed_label_counts": counts.cpu().tolist()}

@@ -51,9 +51,16 @@ def train_command(
     threads: Annotated[int | None, Opt(help="CPU threads for torch.")] = None,
 ) -> None:
     """Train one digit classifier per modality on the train split; records test accuracy beside the weights."""
-    from cmvae_engine.cmvae.data import read_dataset, resolve_dataset
-    from cmvae_engine.cmvae.evaluation.classifier import OWN_DIR, OWN_FILE, OWN_META, train_classifier_set
-    from cmvae_engine.engine.trainer import resolve_device
+    from cmvae_engine.cmvae.data import read_dataset
+    from cmvae_engine.cmvae.evaluation.classifier import (
+        OWN_DIR,
+        OWN_FILE,
+        OWN_META,
+        train_classifier_set,
+        weak_classifiers,
+    )
+    from cmvae_engine.engine.progress import Board
+    from cmvae_engine.engine.trainer import resolve_device, resolve_with_progress
 
     console = Console()
     if threads:
@@ -63,14 +70,15 @@ def train_command(
     try:
         if epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {epochs}")
-        root = resolve_dataset(dataset, data_root=data_root)
+        root = resolve_with_progress(dataset, data_root, console)
         ds = read_dataset(root)
         dev = resolve_device(device)
         console.print(f"training {ds.n_modalities} digit classifiers on {ds.name} ({ds.split('train').n} train "
                       f"tuples, {epochs} epochs) on {dev}", markup=False)
-        models, record = train_classifier_set(
-            ds.splits, dataset=str(root), epochs=epochs, batch_size=batch_size, lr=lr, device=dev, seed=seed,
-            max_steps=max_steps, log=lambda s: console.print(s, markup=False))
+        with Board(console) as board, board.phase(f"training {ds.n_modalities} classifiers") as bar:
+            models, record = train_classifier_set(
+                ds.splits, dataset=str(root), epochs=epochs, batch_size=batch_size, lr=lr, device=dev, seed=seed,
+                max_steps=max_steps, log=lambda s: console.print(s, markup=False), progress=bar)
         folder = write_classifier_folder(out or root / OWN_DIR, models, record)
     except (DataError, ValueError, FileNotFoundError) as e:
         Console(stderr=True, soft_wrap=True).print(Text(f"error: {e}", style="red"))
@@ -82,3 +90,6 @@ def train_command(
     console.print(f"wrote {folder}/ ({OWN_FILE.format('{i}')}, {OWN_META}); `cmvae-engine eval` finds them there"
                   if out is None else f"wrote {folder}/; pass --classifiers {folder} to `cmvae-engine eval`",
                   markup=False)
+    warning = weak_classifiers(record["test_accuracy"], record["n_classes"])
+    if warning:
+        console.print(Text("warning: ", style="bold yellow") + Text(warning))

@@ -74,9 +74,13 @@ def synth(
         raise DataError(f"unknown synthetic data set {name!r}", fix=f"choose one of: {', '.join(SYNTHETIC)}")
     if out is None:
         out = default_data_root() / (name if modalities == 5 else f"{name}-m{modalities}")
-    path = synth_polydigits(
-        out, n_modalities=modalities, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed
-    )
+    from cmvae_engine.engine.progress import Board
+
+    with Board(_console()) as board, board.phase(f"synthesising {name} into {out}") as bar:
+        path = synth_polydigits(
+            out, n_modalities=modalities, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed,
+            progress=bar,
+        )
     _console().print(f"wrote {name} ({modalities} modalities) to {path}", markup=False)
 
 

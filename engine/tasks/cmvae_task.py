@@ -14,10 +14,13 @@ from cmvae_engine.cmvae.metrics import clustering_scores
 from cmvae_engine.cmvae.model import CMVAE, Posterior
 from cmvae_engine.cmvae.objectives import loss_fn
 from cmvae_engine.cmvae.progress import ProgressFn, batches, report, shifted
+from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.config import TrainConfig
-from cmvae_engine.engine.images import save_grid
+from cmvae_engine.engine.images import cluster_labels, save_grid
 from cmvae_engine.engine.recipes import PaperRecipe, build_recipe
 from cmvae_engine.engine.tasks.base import Task
+
+CLUSTERS = "clusters.json"
 
 
 class CMVAEObjective(nn.Module):
@@ -130,6 +133,11 @@ class CMVAETask(Task):
         order = [int(c) for c in torch.argsort(log_pi, descending=True) if torch.isfinite(log_pi[c])][:16]
         per_cluster = [model.generate(4, cluster=c, generator=g) for c in order]  # each [M, 4, C, H, W]
         grid = torch.stack([s.flatten(0, 1) for s in per_cluster])  # [rows, M*4, C, H, W]
-        save_grid(out / "samples.png", grid)
+        mass = log_pi.exp().tolist()
+        save_grid(out / "samples.png", grid, row_labels=cluster_labels(order, mass),
+                  title=f"before pruning: {len(order)} of {int(torch.isfinite(log_pi).sum())} clusters by prior mass; "
+                        f"4 samples per modality")
+        atomic_write_json(out / CLUSTERS, {"checkpoint": "checkpoint.pt", "prior_mass": mass, "order": order,
+                                           "note": "the prior at the end of training, before pruning"})
         model.train()
-        return ["recon.png", "samples.png"]
+        return ["recon.png", "samples.png", CLUSTERS]

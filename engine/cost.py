@@ -33,14 +33,17 @@ def project(total_steps: int, done_steps: int, seconds: float, measured_steps: i
     return Projection(total_steps, max(total_steps - done_steps, 0), seconds / measured_steps, measured_steps)
 
 
-def cost_warning(p: Projection, what: str, device: str, threshold_s: float | None = None) -> str | None:
+def cost_warning(p: Projection, what: str, device: str, threshold_s: float | None = None,
+                 first_step: bool = False) -> str | None:
     """The message for a run that will take longer than `threshold_s` (default LONG_RUN_S), or None.
 
-    `what` describes the run (recipe, width, epochs); `device` names where it runs (`cpu`, `cuda`)."""
+    `what` describes the run (recipe, width, epochs); `device` names where it runs (`cpu`, `cuda`);
+    `first_step`: the measurement is the first step alone (one-off costs included)."""
     if p.remaining_s <= (LONG_RUN_S if threshold_s is None else threshold_s):
         return None
     hint = ("; on a CPU the README's quick start (--recipe fast --width 0.125 --epochs 3) reaches clusters in "
             "minutes" if device == "cpu" else "")
+    measured = (f"the first step took {p.seconds_per_step:.3g} s, one-off costs included; measuring further" if
+                first_step else f"measured {p.seconds_per_step:.3g} s/step over {p.measured_steps} steps")
     return (f"{what} = {p.total_steps:,} steps: about {format_duration(p.remaining_s)} more on this {device} "
-            f"(measured {p.seconds_per_step:.3g} s/step over {p.measured_steps} steps){hint}. "
-            "Stop with Ctrl-C (a checkpoint is written; --resume continues).")
+            f"({measured}){hint}. Stop with Ctrl-C (a checkpoint is written; --resume continues).")

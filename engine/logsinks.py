@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ class WandbSink(Sink):
         folder = out / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / "id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "cmvae-engine"), name=out.name, id=run_id,

@@ -1,8 +1,10 @@
 """`cmvae-engine report RUN_DIR`: one self-contained HTML page of a run.
 
 Everything is inlined (CSS, plots and sample grids as base64 PNG), so the file can be mailed or archived alone.
-Reads what the run folder holds and skips what it lacks: config.json, metrics.jsonl, eval.json, prune.json and
-prune.png, recon.png, samples.png and generate's grids (generated/generate.json).
+Reads what the run folder holds and skips what it lacks: config.json, run_info.json, metrics.jsonl, steps.jsonl,
+clusters.json, eval.json, prune.json and prune.png, recon.png, samples.png and generate's grids
+(generated/generate.json). Warnings that change how a number should be read (weak coherence classifiers,
+clusters that have not formed) stand at the top of the page, never folded away.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cmvae_engine.engine.checkpoint import atomic_write_text
+from cmvae_engine.engine.progress import format_duration
+from cmvae_engine.engine.report_plots import fit_events, prior_mass_plot, split_log, step_plot, warm_start_plot
 
 EVAL_SECTIONS = {
     "clustering": ("Clustering", "NMI, ARI and ACC (Hungarian matching) of the cluster assignment against the "
@@ -73,6 +77,12 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 .note { border-left: 3px solid var(--warn); background: #fdf8ee; padding: 8px 12px; margin: 8px 0 12px;
         font-size: 14px; }
 .missing { color: var(--muted); font-style: italic; }
+.alert { border: 1px solid #e0b252; border-left: 5px solid var(--warn); background: #fdf3e1; border-radius: 8px;
+         padding: 10px 14px; margin-top: 16px; font-size: 14.5px; }
+.alert b { color: var(--warn); }
+td.heat { text-align: right; font-variant-numeric: tabular-nums; min-width: 34px; }
+code.cmd { display: block; white-space: pre-wrap; word-break: break-all; background: #f0f3f8; padding: 6px 10px;
+           border-radius: 6px; font-size: 12.5px; }
 details summary { cursor: pointer; color: var(--accent); font-size: 14px; margin: 6px 0; }
 footer { color: var(--muted); font-size: 12px; margin-top: 22px; text-align: center; }
 """
@@ -289,18 +299,53 @@ def config_section(cfg: dict | None, data: dict | None) -> str:
                     f'<div class="cols">{cols}</div>')
 
 
-def training_section(rows: list[dict]) -> str:
-    if not rows:
+def training_section(rows: list[dict], log: list[dict] | None = None) -> str:
+    if not rows and not log:
         return _section("training", "Training", "", '<p class="missing">no metrics.jsonl in this run folder</p>')
     explain = ("The loss is minus the IWAE bound per tuple (lower is better); the test curve uses held-out data. "
                "Clustering scores compare the majority-vote cluster of each test tuple with its label, using all "
                "K clusters (before selection).")
-    steps = f"{fmt(rows[-1].get('step'))} optimiser steps"
-    if len(rows) < 2:  # one point is no curve: the numbers are in the metrics table
-        return _section("training", "Training", explain,
-                        f'<p class="missing">one epoch logged ({steps}): no curves to draw; its numbers are in the '
-                        "metrics table below.</p>")
-    return _section("training", "Training", explain, figure(training_plot(rows), f"{len(rows)} epochs, {steps}"))
+    steps_rows, events = split_log(log or [])
+    parts = []
+    if steps_rows:
+        png = step_plot(steps_rows, events)
+        parts.append("<h3>Per step</h3>" + (figure(png, f"{len(steps_rows)} log intervals from steps.jsonl (up to "
+                                                       f"step {fmt(steps_rows[-1]['step'])})") if png else
+                                            '<p class="missing">one log interval: no curve to draw.</p>'))
+    warm = warm_start_plot(events)
+    if warm:
+        parts.append("<h3>Warm start and the recipe's checks</h3>" + figure(
+            warm, "Left: the contrastive warm start of the z towers before step 1. Right: the label-free signal "
+                  "the recipe watches (cross-modal agreement of k-means on the posterior means) and, after the "
+                  "prior fit, the clusters in use; dashed lines mark fits and refits of the prior."))
+    parts.append(events_table(events))
+    if rows:
+        steps = f"{fmt(rows[-1].get('step'))} optimiser steps"
+        if len(rows) < 2:  # one point is no curve: the numbers are in the metrics table
+            parts.insert(0, f'<h3>Per epoch</h3><p class="missing">one epoch logged ({steps}): no curves to draw; '
+                            "its numbers are in the metrics table below.</p>")
+        else:
+            parts.insert(0, "<h3>Per epoch</h3>" + figure(training_plot(rows), f"{len(rows)} epochs, {steps}"))
+    return _section("training", "Training", explain, "".join(parts))
+
+
+def events_table(events: list[dict]) -> str:
+    """The recipe's prior fits and refits, and the warm start's summary."""
+    rows = []
+    for e in events:
+        if e.get("event") == "warm_start_done":
+            secs = e.get("seconds")
+            rows.append(("warm start done", 0, f"{fmt(e.get('warm_steps'))} z-tower steps"
+                         + (f" in {format_duration(secs)}" if secs else "")))
+        elif e in fit_events(events):
+            agree = e.get("agreement")
+            rows.append(("prior fit" if e["event"] == "prior_fit" else "prior refit", e["step"],
+                         f"{e.get('reason', '')}; {fmt(e.get('in_use'))} clusters in use"
+                         + (f"; agreement {agree:.3f}" if isinstance(agree, float) else "")))
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{esc(a)}</td>{_cell(b)}<td>{esc(c)}</td></tr>" for a, b, c in rows)
+    return f"<h3>Recipe events</h3><table><tr><th>event</th><th>step</th><th>detail</th></tr>{body}</table>"
 
 
 def metrics_section(rows: list[dict], evaluation: dict | None) -> str:
@@ -308,15 +353,19 @@ def metrics_section(rows: list[dict], evaluation: dict | None) -> str:
     if rows:
         last = rows[-1]
         keys = [k for k in last if k not in ("width", "reduced")]
-        blocks.append(f"<div><h3>Last epoch</h3>{kv_table([(METRIC_NAMES.get(k, k), last[k]) for k in keys])}</div>")
+        shown = [(METRIC_NAMES.get(k, k), format_duration(last[k]) if k == "elapsed_s" else last[k]) for k in keys]
+        blocks.append(f"<div><h3>Last epoch</h3>{kv_table(shown)}</div>")
     if evaluation:
         for key, (title, explain) in EVAL_SECTIONS.items():
             if evaluation.get(key) is not None:
-                blocks.append(f"<div><h3>{esc(title)}</h3><p class=\"explain\">{esc(explain)}</p>"
-                              + render_value(evaluation[key], depth=1) + "</div>")
+                section = evaluation[key]
+                body = (coherence_block(section, evaluation.get("modalities")) if key == "coherence" else
+                        render_value({k: v for k, v in section.items() if k != "confusion"}, depth=1))
+                blocks.append(f"<div><h3>{esc(title)}</h3><p class=\"explain\">{esc(explain)}</p>{body}</div>")
         about = [(k, evaluation.get(k)) for k in ("checkpoint", "split", "n", "device", "seed")]
         about += [("notes", "; ".join(evaluation.get("notes") or []) or None)]
-        about += [(f"time: {k}", v) for k, v in (evaluation.get("timings") or {}).items()]
+        about += [(f"time: {k.removesuffix('_s')}", format_duration(v))
+                  for k, v in (evaluation.get("timings") or {}).items()]
         parts.append("<details><summary>evaluation settings and timings</summary>" + kv_table(about) + "</details>")
     else:
         parts.append('<p class="missing">no eval.json yet: run <code>cmvae-engine eval RUN_DIR</code> for '
@@ -324,6 +373,152 @@ def metrics_section(rows: list[dict], evaluation: dict | None) -> str:
     return _section("metrics", "Metrics", "The training log's last row, then the evaluation suite "
                     "(<code>cmvae-engine eval</code>) when it has been run.",
                     f'<div class="cols">{"".join(blocks)}</div>' + "".join(parts))
+
+
+def _modality_names(names: list[str] | None, m: int) -> list[str]:
+    names = list(names or [])
+    return names if len(names) == m else [f"m{i}" for i in range(m)]
+
+
+def coherence_block(coh: dict, modalities: list[str] | None) -> str:
+    """The conditional coherence as a source x target matrix with modality names, then the rest."""
+    parts = []
+    cond = coh.get("conditional") or {}
+    mat = cond.get("matrix")
+    if isinstance(mat, list) and mat and all(isinstance(r, list) for r in mat):
+        names = _modality_names(modalities, len(mat))
+        head = '<th>source &darr; / target &rarr;</th>' + "".join(f"<th>{esc(n)}</th>" for n in names)
+        body = "".join(f"<tr><th>{esc(names[i])}</th>" + "".join(
+            f'<td class="num"{" style=color:#5b6576" if i == j else ""}>{fmt(float(v))}</td>'
+            for j, v in enumerate(row)) + "</tr>" for i, row in enumerate(mat))
+        parts.append(f"<table><tr>{head}</tr>{body}</table><p class=\"explain\">Row: the modality encoded; column: "
+                     "the modality generated from its z. The diagonal (grey) re-generates a modality from itself and "
+                     f"is left out of the average ({fmt(cond.get('average'))}, over source &ne; target).</p>")
+    rest = {k: v for k, v in coh.items() if k not in ("conditional", "classifiers", "weak_classifiers")}
+    if cond and not mat:
+        rest["conditional"] = cond
+    clf = coh.get("classifiers") or {}
+    if clf.get("test_accuracy"):
+        rest["classifier test accuracy"] = clf["test_accuracy"]
+    if clf.get("kind"):
+        rest["classifiers"] = f"{clf['kind']} ({clf.get('folder', '')})"
+    return "".join(parts) + render_value(rest, depth=1)
+
+
+def weak_classifier_warning(evaluation: dict | None) -> str | None:
+    """The eval's warning about weak coherence classifiers, or one made from the recorded accuracies."""
+    coh = (evaluation or {}).get("coherence") or {}
+    if coh.get("weak_classifiers"):
+        return coh["weak_classifiers"]
+    acc = (coh.get("classifiers") or {}).get("test_accuracy") or []
+    weak = [f"m{m} {a:.3f}" for m, a in enumerate(acc) if isinstance(a, int | float) and a < WEAK_ACCURACY]
+    return (f"weak digit classifiers ({', '.join(weak)}): below {WEAK_ACCURACY:.0%} test accuracy; coherence "
+            "measured with them says little about the model" if weak else None)
+
+
+WEAK_ACCURACY = 0.9
+"""As cmvae.evaluation.classifier.WEAK_ACCURACY (not imported: the report needs no torch)."""
+
+
+def warnings_html(evaluation: dict | None, prune: dict | None, cfg: dict | None) -> str:
+    """Warnings that change how the page's numbers read, at the top and never folded away."""
+    items = []
+    weak = weak_classifier_warning(evaluation)
+    if weak:
+        items.append(f"<b>Coherence:</b> {esc(weak)}.")
+    if prune and prune.get("falls_throughout"):
+        items.append("<b>Cluster selection:</b> the score fell at every step down to 2 clusters: the prior's "
+                     "clusters have probably not formed yet (train longer); the chosen K means little.")
+    if prune and prune.get("split_fallback"):
+        items.append("<b>Cluster selection:</b> the data set has no valid split; clusters were selected on the "
+                     "TEST split, so its test scores are not held out.")
+    width = ((cfg or {}).get("model") or {}).get("width", 1.0)
+    if isinstance(width, int | float) and width < 1:
+        items.append(f"<b>Reduced model:</b> network width {width:g} of the reference's; compare with care.")
+    return "".join(f'<div class="alert">{i}</div>' for i in items)
+
+
+def provenance_section(info: dict | None, rows: list[dict], log: list[dict], evaluation: dict | None,
+                       prune: dict | None, generated: dict | None) -> str:
+    """Command lines, versions, commit, machine and time of every step that made this page's contents."""
+    sessions = (info or {}).get("sessions") or []
+    parts = []
+    entries = [(("resumed training" if s.get("resumed") else "training"), s) for s in sessions]
+    entries += [(name, doc["run_info"]) for name, doc in (("eval", evaluation), ("prune", prune),
+                                                         ("generate", generated)) if doc and doc.get("run_info")]
+    for name, s in entries:
+        rows_kv = [("started (UTC)", s.get("started")), ("commit", s.get("commit")), ("torch", s.get("torch")),
+                   ("CUDA", s.get("cuda")), ("python", s.get("python")), ("device", s.get("device_name")),
+                   ("working folder", s.get("cwd"))]
+        parts.append(f"<h3>{esc(name)}</h3><code class='cmd'>{esc(s.get('command', '?'))}</code>"
+                     + kv_table([(k, v) for k, v in rows_kv if v is not None]))
+    if not entries:
+        parts.append('<p class="missing">no run_info.json: this run was trained before the engine recorded its '
+                     "command line, versions and commit.</p>")
+    timing = []
+    if rows:
+        timing.append(("training (all sessions, wall)", format_duration(rows[-1].get("elapsed_s", float("nan")))))
+        if rows[-1].get("samples_per_s"):
+            timing.append(("training throughput", f"{rows[-1]['samples_per_s']:,.0f} samples/s"))
+    warm = [e for e in split_log(log)[1] if e.get("event") == "warm_start_done" and e.get("seconds")]
+    if warm:
+        timing.append(("of which the warm start", format_duration(warm[-1]["seconds"])))
+    if evaluation and (evaluation.get("timings") or {}).get("total_s") is not None:
+        timing.append(("eval", format_duration(evaluation["timings"]["total_s"])))
+    if prune and (prune.get("timing") or {}).get("total_s") is not None:
+        timing.append(("prune", format_duration(prune["timing"]["total_s"])))
+    if generated and generated.get("seconds") is not None:
+        timing.append(("generate", format_duration(generated["seconds"])))
+    if timing:
+        parts.append("<h3>Timing</h3>" + kv_table(timing))
+    return _section("provenance", "How this run was made", "The command lines, the code's commit, torch and the "
+                    "machine of each step, recorded when it started (run_info.json and the run_info of eval.json, "
+                    "prune.json and generate.json).", "".join(parts))
+
+
+def _confusion(evaluation: dict | None, prune: dict | None) -> tuple[dict | None, str]:
+    conf = ((evaluation or {}).get("clustering") or {}).get("confusion")
+    if conf:
+        return conf, (f"eval.json: the {esc(evaluation.get('split', '?'))} split, model "
+                      f"{esc(evaluation.get('checkpoint', '?'))}")
+    conf = ((prune or {}).get("test") or {}).get("confusion")
+    return conf, "prune.json: the test split, the selected clusters"
+
+
+def confusion_table(conf: dict) -> str:
+    """Cluster x label counts; clusters ordered by their most frequent label, cells shaded by row share."""
+    counts, clusters, labels = conf["counts"], conf["clusters"], conf["labels"]
+    order = sorted(range(len(clusters)), key=lambda i: (max(range(len(labels)), key=lambda j: counts[i][j]),
+                                                        -sum(counts[i])))
+    head = "<th>cluster &darr; / label &rarr;</th>" + "".join(f"<th>{esc(v)}</th>" for v in labels) + "<th>tuples</th>"
+    body = []
+    for i in order:
+        total = max(sum(counts[i]), 1)
+        cells = "".join(f'<td class="heat" style="background: rgba(31,95,168,{0.85 * v / total:.2f});'
+                        f'{" color:#fff;" if v / total > 0.5 else ""}">{v if v else ""}</td>' for v in counts[i])
+        body.append(f"<tr><th>{esc(clusters[i])}</th>{cells}<td class=\"num\">{sum(counts[i]):,}</td></tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def clusters_section(evaluation: dict | None, prune: dict | None, clusters: dict | None) -> str:
+    parts = []
+    conf, source = _confusion(evaluation, prune)
+    if conf and conf.get("counts"):
+        parts.append(f"<h3>Clusters against labels</h3><p class=\"explain\">Tuples of each cluster (majority vote over "
+                     f"modalities) by label ({source}). A cluster that found a class has one dark cell; a class "
+                     "split over clusters shows in several rows.</p>" + confusion_table(conf))
+    masses = (prune or {}).get("prior_mass") or {}
+    before = masses.get("before") or (clusters or {}).get("prior_mass")
+    png = prior_mass_plot(before, masses.get("after"))
+    if png:
+        parts.append("<h3>Prior masses</h3>" + figure(png, "Mixing weight pi of every cluster at the end of training"
+                                                           + (" and after pruning" if masses.get("after") else "")
+                                                           + " (clusters.json, prune.json)."))
+    if not parts:
+        return _section("clusters", "Clusters", "", '<p class="missing">no cluster counts or prior masses yet: '
+                        "<code>cmvae-engine prune RUN_DIR</code> or <code>cmvae-engine eval RUN_DIR</code> records "
+                        "them.</p>")
+    return _section("clusters", "Clusters", "", "".join(parts))
 
 
 def prune_section(run_dir: Path, prune: dict | None) -> str:
@@ -395,8 +590,9 @@ def samples_section(run_dir: Path) -> str:
     parts = []
     fixed = [("recon.png", "Reconstructions: for each modality, a row of test inputs and a row of their "
                            "reconstructions (end of training)."),
-             ("samples.png", "Unconditional samples at the end of training: one row per cluster by prior mass, "
-                             "columns 4 samples of each modality.")]
+             ("samples.png", "Unconditional samples at the end of training, BEFORE pruning: one row per cluster "
+                             "by prior mass (labelled with its id and mass pi; at most 16), columns 4 samples of each "
+                             "modality.")]
     trained = [figure((run_dir / name).read_bytes(), caption, pixels=True, alt=name, file=name)
                for name, caption in fixed if (run_dir / name).is_file()]
     if trained:
@@ -447,6 +643,10 @@ def build_report(run_dir: str | Path) -> str:
     rows = read_metrics(run_dir / "metrics.jsonl")
     prune = read_json(run_dir / "prune.json")
     evaluation = read_json(run_dir / "eval.json")
+    log = read_metrics(run_dir / "steps.jsonl")
+    info = read_json(run_dir / "run_info.json")
+    clusters = read_json(run_dir / "clusters.json")
+    generated = read_json(run_dir / "generated" / "generate.json")
     if not (cfg or rows):
         raise FileNotFoundError(f"{run_dir} holds neither config.json nor metrics.jsonl: not a training run folder")
     model = (cfg or {}).get("model", {})
@@ -457,17 +657,21 @@ def build_report(run_dir: str | Path) -> str:
         f"width {width:g}" + (' <span class="tag warn">reduced</span>' if width < 1 else ""),
         f"report made {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"] if x)
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in (("config", "Configuration"), ("training", "Training"),
-                                                          ("metrics", "Metrics"), ("pruning", "Cluster selection"),
-                                                          ("samples", "Samples")))
+                                                          ("metrics", "Metrics"), ("clusters", "Clusters"),
+                                                          ("pruning", "Cluster selection"), ("samples", "Samples"),
+                                                          ("provenance", "How it was made")))
     body = "".join([
         f"<header><h1>Run report: {esc(run_dir.resolve().name)}</h1><p class=\"sub\">{sub}</p></header>",
         f"<nav>{nav}</nav>",
+        warnings_html(evaluation, prune, cfg),
         summary_cards(rows, prune, evaluation),
         config_section(cfg, data),
-        training_section(rows),
+        training_section(rows, log),
         metrics_section(rows, evaluation),
+        clusters_section(evaluation, prune, clusters),
         prune_section(run_dir, prune),
         samples_section(run_dir),
+        provenance_section(info, rows, log, evaluation, prune, generated),
         f"<footer>cmvae-engine report &middot; {esc(run_dir.resolve())}</footer>",
     ])
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '

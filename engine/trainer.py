@@ -309,6 +309,7 @@ class _Loop:
                 return st.metrics
             self._log_events()
             bar = self.board.bar("train", self.total_steps, completed=st.step)
+            probe_times[0] = time.perf_counter()
             while st.epoch < cfg.optim.epochs and st.step < self.total_steps:
                 for xb in data_stream(eng.loader, st.epoch, st.batch_in_epoch):
                     scalars = eng.recipe.scalars(st.step)
@@ -360,15 +361,21 @@ class _Loop:
             torch.cuda.synchronize(self.eng.device)  # once per session, at the two probe steps
         times[steps_done] = time.perf_counter()
         first, last = PROBE_STEPS
-        if steps_done != last or first not in times or not self.main:
+        if not self.main or 0 not in times:
             return
         cfg = self.cfg
-        p = project(self.total_steps, self.state.step, times[last] - times[first], last - first)
         width = getattr(cfg.model, "width", None)
         size = "" if width is None else (", full width" if width >= 1 else f", width {width:g}")
         what = (f"{cfg.recipe} recipe{size}, {cfg.optim.epochs} epochs"
                 + (f" (--max-steps {cfg.optim.max_steps})" if cfg.optim.max_steps is not None else ""))
-        message = cost_warning(p, what, self.eng.device.type)
+        if steps_done == first:  # a first look: step 1 holds one-off costs, so this over-estimates a little
+            p = project(self.total_steps, self.state.step, times[first] - times[0], first)
+            message = cost_warning(p, what, self.eng.device.type, first_step=True)
+        elif steps_done == last and first in times:
+            p = project(self.total_steps, self.state.step, times[last] - times[first], last - first)
+            message = cost_warning(p, what, self.eng.device.type)
+        else:
+            return
         if message:
             self.console.print(f"[bold yellow]this run is long:[/] {message}")
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cmvae_engine.engine.run_info import cpu_name, git_state
 from cmvae_engine.kernels import backends
 from cmvae_engine.kernels.image_nll import image_loglik_fused, image_loglik_ref
 from cmvae_engine.kernels.importance_weights import importance_weights_fused, importance_weights_ref
@@ -178,15 +177,7 @@ TINY_CASES = [mixture(64, 5, 4), moe(2, 2, 8, 4), weights(2, 3, 8), image(2, 4, 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
 def _available_memory(device: torch.device) -> int:
@@ -210,20 +201,10 @@ def measure_copy_gbps(device: torch.device) -> float:
     return 2 * n * FP32 / (median_ms * 1e-3) / 1e9
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
 def commit() -> tuple[str, bool | None]:
     """(HEAD's hash or 'unknown', whether the working tree had uncommitted changes; None outside git)."""
-    head = (_git("rev-parse", "HEAD") or "").strip()
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return head or "unknown", (bool(status.strip()) if status is not None and head else None)
+    head, dirty = git_state()
+    return head or "unknown", dirty
 
 
 # ----- timing ---------------------------------------------------------------------------------------------------

@@ -21,15 +21,22 @@ RUN_INFO = "run_info.json"
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def git_commit(repo: Path = _REPO) -> str | None:
-    """HEAD of the checkout the code runs from, `+dirty` when it has uncommitted changes; None outside git."""
+def git_state(repo: Path = _REPO) -> tuple[str | None, bool | None]:
+    """(HEAD of the checkout the code runs from, whether tracked files have uncommitted changes); (None, None)
+    outside git."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
+                              timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, None
+    return (head, bool(dirty)) if head else (None, None)
+
+
+def git_commit(repo: Path = _REPO) -> str | None:
+    """HEAD, with `+dirty` when tracked files have uncommitted changes; None outside git."""
+    head, dirty = git_state(repo)
     return head + ("+dirty" if dirty else "") if head else None
 
 

@@ -162,3 +162,37 @@ def test_report_is_self_contained(pruned):
         assert value in page
     res = runner.invoke(app, ["report", str(run_dir / "missing")])
     assert res.exit_code == 2 and "no run folder" in res.output
+
+
+def test_report_shows_warnings_matrices_masses_curves_and_provenance(pruned):
+    run_dir, rep, _ = pruned
+    assert runner.invoke(app, ["generate", str(run_dir), "--n", "2", "--device", "cpu"]).exit_code == 0
+    atomic_write_json(run_dir / "eval.json", {
+        "checkpoint": "pruned.pt", "split": "test", "n": 48, "modalities": ["m0-a", "m1-b", "m2-c"],
+        "timings": {"total_s": 136.4},
+        "clustering": {"vote": {"nmi": 0.5, "ari": 0.25, "acc": 0.5, "n_clusters": 2}, "per_modality": {},
+                       "confusion": {"clusters": [1, 4], "labels": [0, 7], "counts": [[3, 20], [25, 0]]}},
+        "coherence": {"classifiers": {"kind": "trained", "folder": "x", "test_accuracy": [0.1023, 0.95, 0.97]},
+                      "conditional": {"matrix": [[0.5, 0.25, 0.125], [0.75, 0.5, 0.0625], [0.3125, 0.4375, 1.0]],
+                                      "average": 0.3},
+                      "unconditional": 0.3125},
+    })
+    res = runner.invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    page = (run_dir / "report.html").read_text()
+    # the weak-classifier warning stands above every section, outside any <details>
+    alert = page.index('class="alert"')
+    assert "m0 0.102" in page[alert:alert + 400] and alert < page.index("<section")
+    assert "<details" not in page[:alert]
+    # the coherence matrix: rows are sources, columns targets, named
+    assert "source &darr; / target &rarr;" in page and "<th>m1-b</th>" in page
+    assert page.index("0.062") < page.index("0.438")  # row m1 (0.0625) comes before row m2 (0.4375)
+    # the confusion matrix: clusters ordered by their most frequent label (cluster 4 -> label 0 first)
+    table = page[page.index("cluster &darr; / label &rarr;"):]
+    assert table.index("<th>4</th>") < table.index("<th>1</th>") and ">25<" in table
+    assert "Prior masses" in page and "after pruning" in page
+    assert "Per step" in page and "steps.jsonl" in page  # the per-step curves
+    info = json.loads((run_dir / "run_info.json").read_text())["sessions"][0]
+    assert html.escape(info["command"]) in page and info["torch"] in page and "2m16s" in page  # eval's 136.4 s
+    assert "BEFORE pruning" in page and "after pruning" in json.loads(
+        (run_dir / "generated" / "generate.json").read_text())["files"]["unconditional.png"]["caption"]

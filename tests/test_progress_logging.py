@@ -159,3 +159,28 @@ def test_wandb_sink_offline(data, tmp_path):
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (tmp_path / "wb" / "wandb" / "id").read_text().strip() in runs[0].name
+
+
+def test_weak_classifiers_are_flagged_at_training_and_at_eval(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from cmvae_engine.engine.cli import app
+
+    runner = CliRunner()
+    clf = tmp_path / "clf"
+    res = runner.invoke(app, ["classifiers", "train", str(data), "--max-steps", "1", "--out", str(clf),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    acc = json.loads((clf / "classifiers.json").read_text())["test_accuracy"]
+    assert max(acc) < 0.9  # one step: near chance
+    assert "warning: weak digit classifiers" in " ".join(res.output.split())
+    train(config(data, tmp_path / "run", eval_every=0))
+    res = runner.invoke(app, ["eval", str(tmp_path / "run"), "--classifiers", str(clf), "--no-latent",
+                              "--n-unconditional", "32", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "warning: weak digit classifiers" in out
+    assert out.index("Clustering") < out.index("clustering: ")  # each table is printed when its section ends
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert "below 90% test accuracy" in ev["coherence"]["weak_classifiers"]
+    assert sum(map(sum, ev["clustering"]["confusion"]["counts"])) == 32 and ev["run_info"]["torch"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,18 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from cmvae_engine.engine.run_info import cpu_name  # noqa: E402
 from cmvae_engine.kernels import extension  # noqa: E402
 from cmvae_engine.kernels.mixture_logpdf import mixture_logpdf_ref  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _median_ms(fn, runs: int) -> float:
@@ -80,7 +70,7 @@ def main() -> int:
         torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item()), msg=name)
     t_eager = _median_ms(eager, args.runs)
     t_ext = _median_ms(ext, args.runs)
-    print(f"mixture_logpdf fwd+bwd {args.family} N={args.n} K={args.k} D={args.d} float32, {_cpu_name()}, "
+    print(f"mixture_logpdf fwd+bwd {args.family} N={args.n} K={args.k} D={args.d} float32, {cpu_name()}, "
           f"{torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}, "
           f"median of {args.runs}: eager {t_eager:.1f} ms, extension {t_ext:.1f} ms, {t_eager / t_ext:.1f}x")
     return 0

@@ -83,7 +83,9 @@ def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None,
             files["unconditional.png"] = {
                 "kind": "unconditional", "clusters": order,
                 "caption": f"{stage}: one row per active cluster, labelled with its id and prior mass (largest "
-                           f"first); columns: {n} samples of each modality ({', '.join(names)})"}
+                           f"first: {', '.join(f'c{c} {mass[c]:.3f}' for c in order[:16])}"
+                           f"{', ...' if len(order) > 16 else ''}); columns: {n} samples of each modality "
+                           f"({', '.join(names)})"}
             images, _, _, _ = load_split(run.config, "test", data_root)
             x = to_float(images[:, :n].to(dev))
             with board.phase(f"generate: cross-modal grids from {m} source modalities", total=m,

@@ -26,8 +26,9 @@ def grid_array(images: torch.Tensor, pad: int = 2, pad_value: float = 1.0) -> np
     return (canvas.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-TITLE_HEIGHT = 18
+TITLE_HEIGHT = 24
 """Pixels above a grid that has a title."""
+FONT_SIZE = 15
 
 
 def cluster_labels(order: list[int], mass: list[float]) -> list[str]:
@@ -41,7 +42,10 @@ def labelled(img: Image.Image, row_labels: list[str] | None, title: str | None, 
         return img
     from PIL import ImageDraw, ImageFont
 
-    font = ImageFont.load_default()
+    try:  # a scalable font where Pillow has FreeType (>= 10.1), so labels stay legible on scaled pages
+        font = ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, OSError, ImportError):
+        font = ImageFont.load_default()
     draw = ImageDraw.Draw(img)
 
     def width(text: str) -> int:
@@ -51,15 +55,16 @@ def labelled(img: Image.Image, row_labels: list[str] | None, title: str | None, 
     rows = len(row_labels or [])
     left = (max(width(t) for t in row_labels) + 10) if rows else 0
     top = TITLE_HEIGHT if title else 0
+    line = draw.textbbox((0, 0), "Ag", font=font)[3]
     canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
     canvas.paste(img, (left, top))
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((4, 3), title, fill="black", font=font)
+        draw.text((4, (TITLE_HEIGHT - line) / 2), title, fill="black", font=font)
     if rows:
         row_h = (img.height - pad) / rows
         for r, text in enumerate(row_labels):
-            draw.text((4, top + pad + r * row_h + row_h / 2 - 6), text, fill="black", font=font)
+            draw.text((4, top + pad + r * row_h + (row_h - line) / 2), text, fill="black", font=font)
     return canvas
 
 

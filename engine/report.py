@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def fmt(v: Any) -> str:
             return f"{v:.3f}".rstrip("0").rstrip(".") if v == round(v, 3) else f"{v:.3f}"
         return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.1f}"
     if isinstance(v, list) and all(not isinstance(i, dict | list) for i in v):
-        return esc(", ".join(str(i) for i in v))
+        return ", ".join(fmt(i) if isinstance(i, float) else esc(i) for i in v)
     return esc(v)
 
 
@@ -349,7 +350,7 @@ def events_table(events: list[dict]) -> str:
 
 
 def metrics_section(rows: list[dict], evaluation: dict | None) -> str:
-    blocks, parts = [], []
+    blocks, parts, wide = [], [], []
     if rows:
         last = rows[-1]
         keys = [k for k in last if k not in ("width", "reduced")]
@@ -359,8 +360,11 @@ def metrics_section(rows: list[dict], evaluation: dict | None) -> str:
         for key, (title, explain) in EVAL_SECTIONS.items():
             if evaluation.get(key) is not None:
                 section = evaluation[key]
-                body = (coherence_block(section, evaluation.get("modalities")) if key == "coherence" else
-                        render_value({k: v for k, v in section.items() if k != "confusion"}, depth=1))
+                if key == "coherence":  # a matrix with modality names: the whole width
+                    wide.append(f"<h3>{esc(title)}</h3><p class=\"explain\">{esc(explain)}</p>"
+                                + coherence_block(section, evaluation.get("modalities")))
+                    continue
+                body = render_value({k: v for k, v in section.items() if k != "confusion"}, depth=1)
                 blocks.append(f"<div><h3>{esc(title)}</h3><p class=\"explain\">{esc(explain)}</p>{body}</div>")
         about = [(k, evaluation.get(k)) for k in ("checkpoint", "split", "n", "device", "seed")]
         about += [("notes", "; ".join(evaluation.get("notes") or []) or None)]
@@ -372,7 +376,7 @@ def metrics_section(rows: list[dict], evaluation: dict | None) -> str:
                      'clustering per modality, coherence, FID and latent classification.</p>')
     return _section("metrics", "Metrics", "The training log's last row, then the evaluation suite "
                     "(<code>cmvae-engine eval</code>) when it has been run.",
-                    f'<div class="cols">{"".join(blocks)}</div>' + "".join(parts))
+                    f'<div class="cols">{"".join(blocks)}</div>' + "".join(wide) + "".join(parts))
 
 
 def _modality_names(names: list[str] | None, m: int) -> list[str]:
@@ -435,6 +439,7 @@ def warnings_html(evaluation: dict | None, prune: dict | None, cfg: dict | None)
     width = ((cfg or {}).get("model") or {}).get("width", 1.0)
     if isinstance(width, int | float) and width < 1:
         items.append(f"<b>Reduced model:</b> network width {width:g} of the reference's; compare with care.")
+    items = [re.sub(r"`([^`]+)`", r"<code>\1</code>", i) for i in items]  # commands in the messages
     return "".join(f'<div class="alert">{i}</div>' for i in items)
 
 

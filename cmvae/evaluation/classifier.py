@@ -79,7 +79,7 @@ def weak_classifiers(accuracy: list[float] | None, n_classes: int = 10) -> str |
     if not weak:
         return None
     chance = 1.0 / n_classes
-    listed = ", ".join(f"m{m} {a:.3f}" + (" (chance level)" if a < 2 * chance else "") for m, a in weak)
+    listed = ", ".join(f"m{m} {a:.3f}" + (" at chance" if a < 2 * chance else "") for m, a in weak)
     return (f"weak digit classifiers ({listed}): below {WEAK_ACCURACY:.0%} test accuracy (chance "
             f"{chance:.2f}); coherence measured with them says little about the model. Retrain them with more "
             "epochs: `cmvae-engine classifiers train DATASET --epochs 10`")

@@ -132,6 +132,9 @@ def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.de
     kernels.set_backend(cfg.kernels)
     torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
     resident = cfg.data.loader == "resident"
+    if console is not None:
+        console.print(f"preparing: data set {cfg.data.dataset}, model, optimiser and step on {device} ...",
+                      markup=False, highlight=False, style="dim")
     splits, data_info = load_splits(cfg, info, stack_train=resident, console=console)
     task = task_for(cfg.model.kind)
     task.adapt_config(cfg, data_info)

@@ -68,10 +68,6 @@ class Phase:
             self._task = None
 
 
-NO_PHASE = Phase(None)
-"""A phase that shows nothing (where no board is given)."""
-
-
 class Board:
     """One live Progress for a command; `phase()` opens a bar, the `with` block of the Board shows them."""
 

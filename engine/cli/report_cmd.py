@@ -15,10 +15,12 @@ def report_command(
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default RUN_DIR/report.html).")] = None,
 ) -> None:
     """Write an HTML report (config, training curves, metrics, cluster selection, samples; images inlined)."""
+    from cmvae_engine.engine.progress import Board
     from cmvae_engine.engine.report import write_report
 
     try:
-        path = write_report(run_dir, out)
+        with Board(Console()) as board, board.phase("report: plots and image grids", done_line=False):
+            path = write_report(run_dir, out)
     except (ValueError, FileNotFoundError) as e:
         Console(stderr=True).print(Text(f"error: {e}", style="red"))
         raise typer.Exit(2) from None

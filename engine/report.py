@@ -35,7 +35,7 @@ EVAL_SECTIONS = {
 }
 METRIC_NAMES = {"train_loss": "train loss (nats / tuple)", "test_bound": "test bound (nats / tuple)",
                 "test_nmi": "test NMI", "test_ari": "test ARI", "test_acc": "test ACC",
-                "test_n_clusters": "clusters used (test)", "samples_per_s": "samples / s", "elapsed_s": "elapsed (s)"}
+                "test_n_clusters": "clusters used (test)", "samples_per_s": "samples / s", "elapsed_s": "elapsed"}
 
 CSS = """
 :root { --ink:#1d2430; --muted:#5b6576; --line:#e2e6ee; --bg:#f6f7fa; --accent:#1f5fa8; --good:#2a9d55;

@@ -213,6 +213,8 @@ class _Loop:
         self.main = eng.info.is_main
         self.state = resume.LoopState()
         self.last_ckpt: Path | None = None
+        self._events_logged = 0
+        """How many of the recipe's events the sinks have had."""
         total = self.cfg.optim.epochs * len(eng.loader)
         self.total_steps = min(total, self.cfg.optim.max_steps) if self.cfg.optim.max_steps is not None else total
 
@@ -385,7 +387,7 @@ class _Loop:
     def _log_events(self) -> None:
         """The recipe's events not yet handed to the sinks (its event list only grows)."""
         events = self.eng.recipe.events()
-        for event in events[getattr(self, "_events_logged", 0):]:
+        for event in events[self._events_logged:]:
             self.sinks.event(int(event.get("step", self.state.step)), event)
         self._events_logged = len(events)
 

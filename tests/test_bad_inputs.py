@@ -171,6 +171,23 @@ def test_a_folder_with_only_metrics_is_a_run_and_out_may_not_be_a_file(tmp_path,
     assert not (tmp_path / "empty").exists()
 
 
+def test_the_resolved_kernel_backend_is_recorded_and_a_switch_is_reported(run):
+    assert json.loads((run / "config.json").read_text())["kernels"] == {"requested": "torch", "device": "cpu",
+                                                                        "backend": "torch"}
+    assert load_checkpoint(run / "ckpt-00000002.pt")["run"]["kernels"]["backend"] == "torch"
+    for name in ("ckpt-00000002.pt", "checkpoint.pt"):  # as if trained where `auto` resolved to the extension
+        payload = torch.load(run / name, weights_only=True)
+        info = json.loads(payload["run"])
+        info["kernels"]["backend"] = "ext"
+        payload["run"] = json.dumps(info)
+        torch.save(payload, run / name)
+    res = invoke(["train", "--resume", "--max-steps", "3", "--out", run])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "this run trained with the ext fused-op backend on cpu; this process resolves --kernels torch to torch" \
+        in text
+
+
 def test_overwrite_replaces_the_old_run_only_once_the_new_one_is_checked(run, data):
     (run / "pruned.pt").write_bytes((run / "checkpoint.pt").read_bytes())
     (run / "eval.json").write_text("{}")

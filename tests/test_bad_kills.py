@@ -28,8 +28,10 @@ KILLED = 9
 # no exception handler, no cleanup, as a SIGKILL. The parent prints each case's exit status.
 _CHILDREN = """
 import json, os, sys
+import torch._dynamo  # what training imports lazily (Adam, the task, sklearn's metrics): once, before the forks
 from cmvae_engine.engine import resume, trainer
 from cmvae_engine.engine.config import TrainConfig
+from cmvae_engine.engine.tasks import cmvae_task
 
 cases = json.loads(sys.argv[1])
 pids = {}
@@ -58,6 +60,7 @@ KILLS = {
     **{f"{p} of write 3": (p, 3, 3) for p in ("ckpt-renamed", "link-made", "latest-renamed", "old-removed")},
 }
 FIRST = ("tmp-half", 1, None)  # a kill inside the very first write: no checkpoint yet
+UNLINKED = ("ckpt-renamed", 1, 1)  # ckpt-1 written, checkpoint.pt not yet
 
 
 def config(data: Path, out: Path, resume_: bool = False) -> TrainConfig:
@@ -79,7 +82,7 @@ def data(tmp_path_factory):
 def killed(data, tmp_path_factory):
     """One killed run per case (all at once: they share the cores)."""
     base = tmp_path_factory.mktemp("killed")
-    cases = {**KILLS, "first write": FIRST}
+    cases = {**KILLS, "first write": FIRST, "no checkpoint.pt yet": UNLINKED}
     outs = {name: base / f"case{i}" for i, name in enumerate(cases)}
     spec = {name: (config(data, outs[name]).to_dict(), point, write) for name, (point, write, _) in cases.items()}
     proc = subprocess.run([sys.executable, "-c", _CHILDREN, json.dumps(spec)], capture_output=True, text=True,
@@ -150,6 +153,17 @@ def test_a_kill_inside_the_first_write_leaves_no_run_and_a_fresh_start_cleans_up
         trainer.train(config(data, out, resume_=True), Console(quiet=True))
     trainer.train(config(data, out), Console(quiet=True))  # allowed without --overwrite: no run was there
     assert _temporaries(out) == []
+    assert_same_run(out, uninterrupted)
+
+
+def test_ckpt_files_without_checkpoint_pt_are_a_run_that_resumes(killed, uninterrupted, data):
+    out = killed["no checkpoint.pt yet"]
+    assert not (out / "checkpoint.pt").exists() and resume.run_files(out) == ["ckpt-00000001.pt"]
+    with pytest.raises(ValueError, match="already holds a run"):  # not silently replaced
+        trainer.train(config(data, out), Console(quiet=True))
+    console = Console(record=True, width=400)
+    trainer.train(config(data, out, resume_=True), console)
+    assert "from ckpt-00000001.pt at step 1" in console.export_text()
     assert_same_run(out, uninterrupted)
 
 

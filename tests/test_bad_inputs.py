@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from test_engine_resume import _SignalAt  # a recipe that sends a signal to its own process at a step
 from typer.testing import CliRunner
 
 from cmvae_engine.cmvae.config import ModelConfig
@@ -25,7 +26,6 @@ from cmvae_engine.engine.checkpoint import NotACheckpointError, load_checkpoint
 from cmvae_engine.engine.cli import app
 from cmvae_engine.engine.cli.train_cmd import option_fields, train_flags
 from cmvae_engine.engine.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
-from cmvae_engine.engine.recipes import PaperRecipe
 from cmvae_engine.engine.run import load_run
 from cmvae_engine.engine.signals import Stopped
 from cmvae_engine.engine.tasks import cmvae_task
@@ -478,6 +478,9 @@ def test_resume_refuses_a_run_whose_checkpoints_are_all_foreign(tmp_path, data):
     refused(invoke(["train", data, "--resume", "--out", run]), 2, "no checkpoint in", "can be loaded",
             "it holds a Tensor")
     assert snapshot(run) == before
+    for command in (["prune", run], ["eval", run, "--no-coherence"]):  # generate: in the table above
+        refused(invoke([*command, "--device", "cpu"]), 2, f"{run / 'checkpoint.pt'} is not a cmvae-engine checkpoint")
+    assert snapshot(run) == before
     with pytest.raises(NotACheckpointError, match="is a folder"):
         load_checkpoint(run)
 
@@ -519,16 +522,6 @@ def test_a_full_disk_while_appending_metrics_says_what_was_kept(tmp_path, data, 
 
 
 # ----- signals: a distinct exit code -----------------------------------------------------------------------------
-class _SignalAt(PaperRecipe):
-    def __init__(self, step: int, signum: int):
-        super().__init__()
-        self.at, self.signum = step, signum
-
-    def after_step(self, ctx) -> None:
-        if ctx.step == self.at:
-            signal.raise_signal(self.signum)
-
-
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_exits_with_128_plus_its_number_after_a_checkpoint(signum, code, tmp_path, data, monkeypatch):
     out = tmp_path / "run"

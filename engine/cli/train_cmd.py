@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,7 +127,6 @@ def _build(f: dict, fast_base: FastRecipeConfig | None = None) -> TrainConfig:
 
 
 _FAST_FLAGS = ("fast_disable", "fast_enable", "fast_set")
-_NOT_FIELDS = ("config",)
 
 
 def _option(flag: str) -> str:
@@ -160,12 +160,6 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     for p in parents:
         tree = tree.setdefault(p, {})
     tree[leaf] = value
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
 
 
 def read_config_file(path: str) -> dict:
@@ -208,25 +202,26 @@ def config_from_flags(flags: dict, explicit: set[str]) -> TrainConfig:
             raise ConfigError("missing DATASET. Fix: pass `polydigits`, `polymnist` or a data folder (or --config "
                               "RUN/config.json to re-run a saved run, --resume to continue one)")
         return _build(flags)
-    # Check the passed values on their own first, so that a bad flag is named as such.
-    _build({**flags, "dataset": flags["dataset"] or "polydigits", "resume": False, "overwrite": False})
-    where = f"--config {flags['config']}" if flags["config"] else f"the checkpoint in --out {flags['out']}"
+    source = f"--config {flags['config']}" if flags["config"] else f"the checkpoint in --out {flags['out']}"
     base = read_config_file(flags["config"]) if flags["config"] else _saved_run_config(flags["out"])
     try:
-        saved = TrainConfig.from_dict(base, where=where)
+        saved = TrainConfig.from_dict(base, where=source)
     except ConfigError as e:
-        raise ConfigError(f"{e}. Fix: correct that field of the file, or pass the settings as flags without "
-                          "--config") from None
+        raise ConfigError(f"{e} (or correct that field in the file)") from None
     merged = saved.to_dict()
     merged.update(resume=flags["resume"], overwrite=flags["overwrite"])
     if flags["resume"]:
         merged["out"] = flags["out"]
-    from_flags = _build({**flags, "dataset": flags["dataset"] or saved.data.dataset}, fast_base=saved.fast).to_dict()
+    # The passed values as they are: cross-field checks (e.g. --nproc against the batch size) then see the run's
+    # own values, not the flags' defaults.
     fields = option_fields()
-    for name in explicit:
+    for name in sorted(explicit - set(_FAST_FLAGS)):
         if name in fields:
-            _set(merged, fields[name], _get(from_flags, fields[name]))
-    return TrainConfig.from_dict(merged, where="the saved settings with your flags")
+            _set(merged, fields[name], flags[name])
+    if explicit & set(_FAST_FLAGS):
+        merged["fast"] = asdict(FastRecipeConfig.from_flags(flags["fast_disable"], flags["fast_enable"],
+                                                            flags["fast_set"], base=saved.fast))
+    return TrainConfig.from_dict(merged, where="your flags on the saved settings")
 
 
 @functools.wraps(train_flags)
@@ -252,13 +247,3 @@ def train_command(**options) -> None:
         errors.print(Text(f"error: {e}", style="red"))
         raise typer.Exit(EXIT_FAILED) from None
 
-
-def train_config(dataset: str, **flags) -> TrainConfig:
-    """The TrainConfig of `cmvae-engine train DATASET` with these flags (Python callers; the rest at defaults)."""
-    import inspect
-
-    params = {name: p.default for name, p in inspect.signature(train_flags).parameters.items() if name != "ctx"}
-    unknown = set(flags) - set(params)
-    if unknown:
-        raise ConfigError(f"unknown train flags {sorted(unknown)}")
-    return config_from_flags({**params, **flags, "dataset": dataset}, explicit=set(flags) | {"dataset"})

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
+from cmvae_engine.cmvae.checks import ConfigError, Rule, check_fields, unknown_keys
 from cmvae_engine.cmvae.distributions import FAMILIES
 
 MODEL_KINDS = ("cmvae", "mmvaeplus")
+IMAGE_CHANNELS = (1, 3)
+"""Grey or RGB images: what the image grids, the coherence classifiers and FID take."""
+MAX_LATENT = 4096
+MAX_WIDTH = 8.0
+MAX_CLUSTERS = 65536
 
 
 @dataclass
@@ -38,21 +45,31 @@ class ModelConfig:
     prior_mean_init: float = 1.0
     """Cluster means start U(-a, a) (reference: 1.0 PolyMNIST, 0.5 CUBICC)."""
     image_channels: int = 3
+    """Channels of every modality's images (1 grey, 3 RGB); the data decides it when training."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"kind": "--model", "n_clusters": "--clusters", "z_dim": "--z-dim",
+                                       "w_dim": "--w-dim", "family": "--family", "width": "--width",
+                                       "learn_scales": "--learn-scales"}
+    """The `cmvae-engine train` flag of each field that has one (messages name it)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        check_fields(self, {"kind": Rule(MODEL_KINDS)}, section="model", flags=self.FLAGS)
         if self.kind == "mmvaeplus":
             self.n_clusters = 1
-        if self.n_modalities < 2:
-            raise ValueError(f"a multimodal model needs at least 2 modalities, got {self.n_modalities}")
-        if self.n_clusters < 1:
-            raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
-        for field in ("family", "likelihood"):
-            if getattr(self, field) not in FAMILIES:
-                raise ValueError(f"{field} must be one of {FAMILIES}, got {getattr(self, field)!r}")
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
+        latent = f"the reference uses 32; at {MAX_LATENT} the encoder heads alone hold 0.8 GB per modality"
+        check_fields(self, {
+            "n_modalities": Rule(int, low=2, fix="train on a data set with at least 2 modalities (m0.npy, m1.npy)"),
+            "n_clusters": Rule(int, low=1, high=MAX_CLUSTERS, fix="pass e.g. --clusters 40 (the reference; prune "
+                                                                    "selects from them)"),
+            "z_dim": Rule(int, low=1, high=MAX_LATENT, fix=f"pass e.g. --z-dim 32 ({latent})"),
+            "w_dim": Rule(int, low=1, high=MAX_LATENT, fix=f"pass e.g. --w-dim 32 ({latent})"),
+            "family": Rule(FAMILIES), "likelihood": Rule(FAMILIES),
+            "likelihood_scale": Rule(float, low=0, low_open=True), "llik_scaling": Rule(float, low=0, low_open=True),
+            "width": Rule(float, low=0, low_open=True, high=MAX_WIDTH,
+                          fix="pass e.g. --width 1.0 (the reference) or --width 0.125 (a reduced model for CPUs)"),
+            "learn_scales": Rule(bool), "prior_mean_init": Rule(float, low=0),
+            "image_channels": Rule(IMAGE_CHANNELS, fix="convert the images to grey (1 channel) or RGB (3 channels)"),
+        }, section="model", flags=self.FLAGS)
 
     @property
     def reduced(self) -> bool:
@@ -67,9 +84,14 @@ MODEL_CONFIGS: dict[str, type] = {"cmvae": ModelConfig, "mmvaeplus": ModelConfig
 """The config class of each model kind; a new family adds its kind here (and its training task in engine/tasks/)."""
 
 
-def model_config_from_dict(d: dict):
-    """The config object of a saved model section (its `kind` picks the class; default `cmvae`)."""
+def model_config_from_dict(d: dict, where: str = "model"):
+    """The config object of a saved model section (its `kind` picks the class; default `cmvae`); fields are
+    checked by name and value (`where` names the file or section in messages)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: the model section must be a JSON object, got {type(d).__name__}")
     kind = d.get("kind", "cmvae")
     if kind not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_CONFIGS)}")
-    return MODEL_CONFIGS[kind](**d)
+        raise ConfigError(f"{where}: unknown model kind {kind!r}; known kinds: {', '.join(MODEL_CONFIGS)}")
+    cls = MODEL_CONFIGS[kind]
+    unknown_keys(d, [f.name for f in fields(cls)], where)
+    return cls(**d)

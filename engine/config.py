@@ -1,15 +1,23 @@
-"""Training configuration: nested dataclasses, one docstring per field, cross-field checks."""
+"""Training configuration: nested dataclasses, one docstring per field, every field checked in
+`__post_init__` through cmvae/checks.py (the same checks guard the command line, the Python API and the configs
+read back from run folders and checkpoints)."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
+from cmvae_engine.cmvae.checks import SEED, THREADS, ConfigError, Rule, check_fields, unknown_keys
 from cmvae_engine.cmvae.config import ModelConfig, model_config_from_dict
 from cmvae_engine.cmvae.objectives import OBJECTIVES
 from cmvae_engine.engine.loaders import DEFAULT_SHUFFLE_BUFFER, LOADERS
 from cmvae_engine.engine.logsinks import parse_sinks
 from cmvae_engine.kernels import BACKENDS as KERNEL_BACKENDS
+
+RECIPES = ("paper", "fast")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:(0|[1-9][0-9]*))?)$")
 
 
 @dataclass
@@ -31,11 +39,17 @@ class DataConfig:
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     """Tuples in each streaming worker's shuffle buffer (webdataset, dali over shards); 0 reads in shard order."""
 
+    FLAGS: ClassVar[dict[str, str]] = {"dataset": "DATASET", "data_root": "--data-root", "loader": "--loader",
+                                       "drop_last": "--drop-last", "shard_dir": "--shard-dir", "workers": "--workers",
+                                       "shuffle_buffer": "--shuffle-buffer"}
+
     def __post_init__(self) -> None:
-        if self.loader not in LOADERS:
-            raise ValueError(f"loader (--loader) must be one of {LOADERS}, got {self.loader!r}")
-        if self.workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError(f"workers ({self.workers}) and shuffle_buffer ({self.shuffle_buffer}) must be >= 0")
+        check_fields(self, {
+            "dataset": Rule(str, fix="pass `polydigits`, `polymnist` or a data folder"),
+            "data_root": Rule(str, optional=True), "loader": Rule(LOADERS), "drop_last": Rule(bool),
+            "shard_dir": Rule(str, optional=True), "workers": Rule(int, low=0, high=1024),
+            "shuffle_buffer": Rule(int, low=0),
+        }, section="data", flags=self.FLAGS)
 
 
 @dataclass
@@ -53,9 +67,17 @@ class OptimConfig:
     grad_clip: float | None = None
     """Clip the global gradient norm to this value before each update (reference CMVAE: none)."""
 
+    FLAGS: ClassVar[dict[str, str]] = {"lr": "--lr", "amsgrad": "--amsgrad/--no-amsgrad", "batch_size": "--batch-size",
+                                       "epochs": "--epochs", "max_steps": "--max-steps"}
+
     def __post_init__(self) -> None:
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
+        check_fields(self, {
+            "lr": Rule(float, low=0, low_open=True, fix="pass e.g. --lr 1e-3 (the reference)"),
+            "amsgrad": Rule(bool), "batch_size": Rule(int, low=1), "epochs": Rule(int, low=1),
+            "max_steps": Rule(int, low=1, optional=True, fix="pass --max-steps 1 or more, or leave it out to train "
+                                                             "for --epochs"),
+            "grad_clip": Rule(float, low=0, low_open=True, optional=True),
+        }, section="optim", flags=self.FLAGS)
 
 
 AMP_DTYPES = ("bf16", "fp16")
@@ -82,12 +104,20 @@ class StepConfig:
     decode_per_pair: bool = False
     """One decoder call per (source, target) pair as the reference (M*M calls) instead of M batched calls."""
 
+    FLAGS: ClassVar[dict[str, str]] = {"amp": "--amp/--no-amp", "amp_dtype": "--amp-dtype", "compile": "--compile",
+                                       "cuda_graphs": "--cuda-graphs", "channels_last": "--channels-last",
+                                       "decode_per_pair": "--per-pair-decoders"}
+
     def __post_init__(self) -> None:
-        if self.amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype (--amp-dtype) must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+        optional_bool = Rule(bool, optional=True)
+        check_fields(self, {
+            "amp": optional_bool, "amp_dtype": Rule(AMP_DTYPES), "compile": Rule(bool), "cuda_graphs": Rule(bool),
+            "channels_last": optional_bool, "cudnn_benchmark": Rule(bool), "fused_adam": optional_bool,
+            "decode_per_pair": Rule(bool),
+        }, section="step", flags=self.FLAGS)
         if self.cuda_graphs and not self.compile:
-            raise ValueError("cuda_graphs (--cuda-graphs) needs compile (--compile): the graphs are captured "
-                             "through torch.compile's reduce-overhead mode")
+            raise ConfigError("--cuda-graphs (step.cuda_graphs) needs --compile: the graphs are captured through "
+                              "torch.compile's reduce-overhead mode. Fix: add --compile, or drop --cuda-graphs")
 
 
 @dataclass
@@ -97,11 +127,10 @@ class CheckpointConfig:
     keep: int = 3
     """How many `ckpt-{step}.pt` files to keep (the newest); `checkpoint.pt` is always the latest."""
 
+    FLAGS: ClassVar[dict[str, str]] = {"every": "--checkpoint-every", "keep": "--keep"}
+
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"checkpoint every (--checkpoint-every) must be >= 0, got {self.every}")
-        if self.keep < 1:
-            raise ValueError(f"keep (--keep) must be >= 1, got {self.keep}")
+        check_fields(self, {"every": Rule(int, low=0), "keep": Rule(int, low=1)}, section="ckpt", flags=self.FLAGS)
 
 
 FAST_ELEMENTS = ("contrast", "init", "refit", "prior-lr", "beta-warmup", "lr-scale")
@@ -169,19 +198,21 @@ class FastRecipeConfig:
     """... linearly over this many CMVAE steps (0: no InfoNCE once the CMVAE objective starts)."""
 
     def __post_init__(self) -> None:
+        rules = {e.replace("-", "_"): Rule(bool) for e in FAST_ELEMENTS}
         ints = {"probe_size": 2, "check_every": 1, "min_steps": 0, "max_wait_steps": 0, "warmup_steps": 1,
                 "max_refits": 0, "kmeans_restarts": 1, "contrast_steps": 0, "contrast_anneal_steps": 0}
-        for name, low in ints.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"fast recipe: {name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("prior_lr_mult", "lr_mult", "beta_start", "contrast_lr", "contrast_tau", "contrast_spread"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"fast recipe: {name} must be > 0, got {getattr(self, name)}")
-        for name in ("agree_min", "collapse_frac", "min_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"fast recipe: {name} must be in [0, 1], got {getattr(self, name)}")
-        if self.contrast_weight < 0:
-            raise ValueError(f"fast recipe: contrast_weight must be >= 0, got {self.contrast_weight}")
+        positive = ("prior_lr_mult", "lr_mult", "beta_start", "contrast_lr", "contrast_tau", "contrast_spread")
+        fractions = ("agree_min", "agree_plateau", "collapse_frac", "min_share")
+        defaults = FastRecipeConfig.__dataclass_fields__
+
+        def fix(name: str) -> str:
+            return f"pass e.g. --fast-set {name}={defaults[name].default}"
+
+        rules.update({n: Rule(int, low=low, fix=fix(n)) for n, low in ints.items()})
+        rules.update({n: Rule(float, low=0, low_open=True, fix=fix(n)) for n in positive})
+        rules.update({n: Rule(float, low=0, high=1, fix=fix(n)) for n in fractions})
+        rules["contrast_weight"] = Rule(float, low=0, fix=fix("contrast_weight"))
+        check_fields(self, rules, section="fast")
 
     def active(self) -> list[str]:
         """Names of the switched-on elements, in FAST_ELEMENTS order."""
@@ -190,16 +221,18 @@ class FastRecipeConfig:
         return [e for e in FAST_ELEMENTS if on[e]]
 
     @classmethod
-    def from_flags(cls, disable: str = "", enable: str = "", settings: str = "") -> FastRecipeConfig:
+    def from_flags(cls, disable: str = "", enable: str = "", settings: str = "",
+                   base: FastRecipeConfig | None = None) -> FastRecipeConfig:
         """From the CLI: `--fast-disable a,b` and `--fast-enable a,b` name elements (FAST_ELEMENTS);
-        `--fast-set key=value,...` sets the numeric fields (e.g. `check_every=50,prior_lr_mult=5`)."""
-        kw: dict = {}
+        `--fast-set key=value,...` sets the numeric fields (e.g. `check_every=50,prior_lr_mult=5`). Fields the flags
+        do not name come from `base` (default: the defaults)."""
+        kw: dict = asdict(base) if base is not None else {}
         for flag, names, on in (("--fast-disable", disable, False), ("--fast-enable", enable, True)):
             for n in (x.strip() for x in names.split(",")):
                 if not n:
                     continue
                 if n not in FAST_ELEMENTS:
-                    raise ValueError(f"{flag}: unknown element {n!r}; choose from {', '.join(FAST_ELEMENTS)}")
+                    raise ConfigError(f"{flag}: unknown element {n!r}. Fix: choose from {', '.join(FAST_ELEMENTS)}")
                 kw[n.replace("-", "_")] = on
         switches = {e.replace("-", "_") for e in FAST_ELEMENTS}
         types = {f.name: type(getattr(cls(), f.name)) for f in fields(cls) if f.name not in switches}
@@ -209,12 +242,13 @@ class FastRecipeConfig:
             key, sep, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if not sep or key not in types:
-                raise ValueError(f"--fast-set: expected key=value with key one of {', '.join(sorted(types))}, "
-                                 f"got {item!r}")
+                raise ConfigError(f"--fast-set: expected key=value, got {item!r}. Fix: use keys among "
+                                  f"{', '.join(sorted(types))} (docs/recipes.md)")
             try:
                 kw[key] = types[key](value)
             except ValueError:
-                raise ValueError(f"--fast-set: {key} needs a {types[key].__name__}, got {value!r}") from None
+                raise ConfigError(f"--fast-set: {key} needs a {types[key].__name__}, got {value!r}. Fix: pass e.g. "
+                                  f"--fast-set {key}={getattr(cls(), key)}") from None
         return cls(**kw)
 
 
@@ -247,8 +281,9 @@ class TrainConfig:
     """Run folder: metrics.jsonl, checkpoints, images."""
     log_every: int = 20
     """Steps between host reads of the loss (the only sync points of the loop)."""
-    log: list[str] = field(default_factory=list)
-    """Optional logging sinks besides metrics.jsonl and steps.jsonl: `tensorboard`, `wandb` (engine/logsinks.py)."""
+    log: str = ""
+    """Optional logging sinks besides metrics.jsonl and steps.jsonl, comma-separated: `tensorboard`, `wandb`
+    (engine/logsinks.py); '' for none."""
     eval_every: int = 1
     """Epochs between test-split evaluations (bound and clustering scores); 0 disables them."""
     threads: int | None = None
@@ -261,23 +296,39 @@ class TrainConfig:
     nproc: int = 1
     """Processes (GPUs) of data-parallel training; > 1 re-launches through torch.distributed.run."""
 
+    overwrite: bool = False
+    """Replace a run already in `out` (its checkpoints, metrics and outputs) instead of refusing to train there."""
+
+    FLAGS: ClassVar[dict[str, str]] = {
+        "recipe": "--recipe", "objective": "--objective", "n_samples": "--samples", "beta": "--beta", "seed": "--seed",
+        "device": "--device", "out": "--out", "log_every": "--log-every", "eval_every": "--eval-every",
+        "threads": "--threads", "kernels": "--kernels", "resume": "--resume", "nproc": "--nproc",
+        "overwrite": "--overwrite", "log": "--log"}
+    SECTIONS: ClassVar[dict[str, type]] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                                           "step": StepConfig, "ckpt": CheckpointConfig, "fast": FastRecipeConfig}
+
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.optim.batch_size < 1 or self.optim.epochs < 1:
-            raise ValueError("batch_size and epochs must be >= 1")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.kernels not in KERNEL_BACKENDS:
-            raise ValueError(f"kernels (--kernels) must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
-        if self.nproc < 1:
-            raise ValueError(f"nproc (--nproc) must be >= 1, got {self.nproc}")
-        self.log = parse_sinks(self.log)
+        for name, cls in self.SECTIONS.items():
+            if not isinstance(getattr(self, name), cls) and not (name == "model" and hasattr(self.model, "kind")):
+                raise ConfigError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        check_fields(self, {
+            "recipe": Rule(RECIPES), "objective": Rule(OBJECTIVES), "n_samples": Rule(int, low=1, high=4096),
+            "beta": Rule(float, low=0), "seed": SEED, "device": Rule(str),
+            "out": Rule(str, fix="pass --out with a folder for the run"), "log_every": Rule(int, low=1),
+            "eval_every": Rule(int, low=0), "kernels": Rule(KERNEL_BACKENDS),
+            "threads": THREADS,
+            "resume": Rule(bool), "overwrite": Rule(bool), "nproc": Rule(int, low=1, high=4096),
+        }, flags=self.FLAGS)
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"--device (device) must be auto, cpu, cuda or cuda:N, got {self.device!r}. Fix: pass "
+                              "e.g. --device cpu")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                              "--overwrite replaces it. Fix: pass one of them")
+        self.log = ",".join(parse_sinks(self.log))  # checked and canonical: "tensorboard,wandb"
         if self.nproc > 1 and self.optim.batch_size % self.nproc:
-            raise ValueError(f"batch_size {self.optim.batch_size} is the global batch and must be divisible by "
-                             f"nproc {self.nproc}; choose a multiple of {self.nproc}")
+            raise ConfigError(f"--batch-size {self.optim.batch_size} is the global batch and must be divisible by "
+                              f"--nproc {self.nproc}. Fix: choose a multiple of {self.nproc}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,14 +337,38 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        return cls(
-            model=model_config_from_dict(d.pop("model")),
-            data=DataConfig(**d.pop("data")),
-            optim=OptimConfig(**d.pop("optim")),
-            step=StepConfig(**d.pop("step", {})),
-            ckpt=CheckpointConfig(**d.pop("ckpt", {})),
-            fast=FastRecipeConfig(**d.pop("fast", {})),
-            **d,
-        )
+    def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+        """A config from its to_dict() form (a run's config.json or checkpoint), every section and field checked:
+        unknown fields, wrong types and out-of-range values are a ConfigError naming `where` and the field."""
+        try:
+            if not isinstance(d, dict):
+                raise ConfigError(f"must be a JSON object, got {type(d).__name__}")
+            d = dict(d)
+            for name in ("model", "data", "optim"):
+                if name not in d:
+                    raise ConfigError(f"the section {name!r} is missing")
+            sections = {}
+            for name, section_cls in cls.SECTIONS.items():
+                value = d.pop(name, {})
+                if name == "model":
+                    sections[name] = model_config_from_dict(value, "model")
+                    continue
+                if not isinstance(value, dict):
+                    raise ConfigError(f"the section {name!r} must be a JSON object, got {type(value).__name__}")
+                unknown_keys(value, [f.name for f in fields(section_cls)], name)
+                sections[name] = section_cls(**value)
+            unknown_keys(d, [f.name for f in fields(cls) if f.name not in cls.SECTIONS], "top level")
+            return cls(**sections, **d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def flag_of(dotted: str) -> str | None:
+    """The `cmvae-engine train` flag that sets a config field (`model.n_clusters` -> `--clusters`), or None."""
+    section, _, name = dotted.rpartition(".")
+    holder = TrainConfig.SECTIONS.get(section, TrainConfig) if section else TrainConfig
+    if section == "fast":
+        return f"--fast-set {name}=..." if name not in {e.replace("-", "_") for e in FAST_ELEMENTS} else \
+            "--fast-enable/--fast-disable"
+    return getattr(holder, "FLAGS", {}).get(name)
+

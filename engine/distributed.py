@@ -121,11 +121,13 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def launch(cfg_dict: dict, nproc: int) -> tuple[int, int | None]:
+def launch(cfg_dict: dict, nproc: int) -> tuple[int, int | None, dict]:
     """Run training in `nproc` processes through torch.distributed.run.
 
-    Returns the launcher's exit code and the signal passed on to it (None if none): the launcher exits non-zero
-    after a signal even when its workers stopped cleanly with a checkpoint.
+    Returns the launcher's exit code, the signal passed on to it (None if none) and how rank 0's training ended
+    (`_worker` writes it): {"metrics": last row}, {"stopped": signum, "step", "checkpoint"} or {"error": message,
+    "kind": "bad_input" | "failed"}; {} when no rank reported. The launcher's own exit code says little: it is
+    non-zero after a signal even when the workers stopped cleanly with a checkpoint.
 
     The config travels as a JSON file, so the workers train exactly what this process parsed.
     """
@@ -144,17 +146,37 @@ def launch(cfg_dict: dict, nproc: int) -> tuple[int, int | None]:
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return proc.wait(), (received[0] if received else None)
+            rc = proc.wait()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        results = sorted(Path(tmp).glob("result-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+        result = json.loads(results[0].read_text()) if results else {}
+        if results and "error" not in result:  # a rank that failed says more than rank 0's clean stop
+            errors = [r for r in (json.loads(p.read_text()) for p in results[1:]) if "error" in r]
+            result = errors[0] if errors else result
+        return rc, (received[0] if received else None), result
 
 
 def _worker(cfg_path: str) -> None:
+    """One data-parallel process: trains, then writes how it ended next to the config for `launch` to read."""
     from cmvae_engine.engine.config import TrainConfig
+    from cmvae_engine.engine.signals import EXIT_BAD_INPUT, EXIT_FAILED, Stopped
     from cmvae_engine.engine.trainer import train
 
-    train(TrainConfig.from_dict(json.loads(Path(cfg_path).read_text())))
+    result_path = Path(cfg_path).with_name(f"result-{env_info().rank}.json")
+    try:
+        metrics = train(TrainConfig.from_dict(json.loads(Path(cfg_path).read_text())))
+    except Stopped as e:  # a clean stop: exit 0 so that the launcher reports no failure; `launch` says stopped
+        result_path.write_text(json.dumps({"stopped": e.signum, "step": e.step, "checkpoint": str(e.checkpoint),
+                                           "metrics": e.metrics}))
+        return
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        bad_input = isinstance(e, ValueError | FileNotFoundError)
+        result_path.write_text(json.dumps({"error": str(e), "kind": "bad_input" if bad_input else "failed"}))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED)
+    result_path.write_text(json.dumps({"metrics": metrics}))
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None,
 
     if cluster is not None:
         if cluster not in order:
-            raise ValueError(f"--cluster {cluster} is not an active cluster of {run_dir / ckpt}; active clusters: "
-                             f"{', '.join(map(str, sorted(order)))}")
+            raise ValueError(f"--cluster {cluster} is not an active cluster of {run_dir / ckpt}. Fix: pass one of "
+                             f"the active clusters {', '.join(map(str, sorted(order)))}, or leave --cluster out")
         save_grid(out / f"cluster_{cluster}.png", cluster_grid(model, cluster, n, generator=g), row_labels=names,
                   title=f"cluster {cluster}, prior mass {mass[cluster]:.3f}, {stage}")
         files[f"cluster_{cluster}.png"] = {

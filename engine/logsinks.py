@@ -188,7 +188,7 @@ class Sinks(Sink):
             s.close()
 
 
-def open_sinks(names: list[str], out: Path, *, resume_step: int | None, config: dict) -> Sinks:
+def open_sinks(names: str | list[str], out: Path, *, resume_step: int | None, config: dict) -> Sinks:
     """steps.jsonl plus the named optional sinks. Call on the writing rank only."""
     sinks: list[Sink] = [JsonlSink(out, resume_step)]
     for name in parse_sinks(names):

@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from cmvae_engine.cmvae.model import Posterior
-from cmvae_engine.engine.config import FastRecipeConfig
+from cmvae_engine.engine.config import RECIPES, FastRecipeConfig
 from cmvae_engine.engine.warm_start import WarmStartContext
 
 
@@ -98,7 +98,6 @@ class PaperRecipe(Recipe):
         return {"beta": self.beta(step, self.base_beta), "aux_weight": self.aux_weight(step)}
 
 
-RECIPES = ("paper", "fast")
 
 
 def build_recipe(name: str, fast: FastRecipeConfig | None = None, beta: float = 2.5) -> PaperRecipe:

@@ -1,12 +1,43 @@
 """Graceful stops: SIGINT/SIGTERM set a flag that the training loop reads between steps; it then writes a
-checkpoint and returns. A second SIGINT (more than REPEAT_S later) interrupts at once (KeyboardInterrupt)."""
+checkpoint and raises `Stopped`. A second SIGINT (more than REPEAT_S later) interrupts at once (KeyboardInterrupt).
+
+Exit codes of `cmvae-engine train` (README, "Exit codes"): 0 done; 2 refused before training (bad input, a run
+folder that would be lost, an incompatible --resume); 1 training failed (non-finite loss, full disk, a worker
+failure); 128 + the signal's number (130 SIGINT, 143 SIGTERM) stopped by that signal with a checkpoint written,
+resumable with --resume. The last is what a shell reports for a process killed by the signal, so batch schedulers
+(Slurm, Kubernetes) treat the job as interrupted, not finished, and may requeue it."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def exit_code_for(signum: int) -> int:
+    """128 + signal number: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + int(signum)
+
+
+class Stopped(Exception):  # noqa: N818 (a stop asked for, not an error)
+    """Training stopped by a signal after writing a checkpoint; `--resume` continues it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, metrics: dict | None = None):
+        self.signum, self.step, self.checkpoint, self.metrics = signum, step, checkpoint, metrics or {}
+        name = signal.Signals(signum).name
+        where = "before step 1" if step == 0 else f"at step {step}"
+        super().__init__(f"stopped by {name} {where}; checkpoint {checkpoint}. Continue with the same command and "
+                         "--resume")
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.signum)
 
 
 class StopFlag:

@@ -38,7 +38,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 def test_global_batch_must_split_evenly():
-    with pytest.raises(ValueError, match="divisible by nproc 3"):
+    with pytest.raises(ValueError, match="divisible by --nproc 3"):
         TrainConfig(optim=OptimConfig(batch_size=32), nproc=3)
 
 

@@ -16,6 +16,7 @@ from cmvae_engine.engine.checkpoint import load_checkpoint
 from cmvae_engine.engine.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 from cmvae_engine.engine.recipes import PaperRecipe
 from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.signals import Stopped
 from cmvae_engine.engine.tasks import cmvae_task
 
 QUIET = Console(quiet=True)
@@ -102,7 +103,10 @@ class _SignalAt(PaperRecipe):
 def test_sigterm_checkpoints_and_resume_is_exact(data, tmp_path, uninterrupted, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr(cmvae_task, "build_recipe", lambda name, fast=None, beta=2.5: _SignalAt(5, signal.SIGTERM))
-    trainer.train(config(data, out), QUIET)
+    with pytest.raises(Stopped) as stopped:
+        trainer.train(config(data, out), QUIET)
+    assert stopped.value.exit_code == 143 and stopped.value.step == 5  # 128 + SIGTERM: schedulers see "killed"
+    assert stopped.value.checkpoint == out / "ckpt-00000005.pt"
     state = load_checkpoint(out / "checkpoint.pt")["state"]
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 2)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
@@ -130,9 +134,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
 def test_resume_refuses_a_different_model_and_a_missing_run(data, tmp_path, uninterrupted):
     cfg = config(data, uninterrupted, resume=True)
     cfg.model.width = 0.125
-    with pytest.raises(ValueError, match=r"model\.width=0\.0625"):
+    with pytest.raises(ValueError, match=r"--width \(model\.width\) = 0\.0625"):
         trainer.train(cfg, QUIET)
-    with pytest.raises(FileNotFoundError, match="--resume"):
+    with pytest.raises(ValueError, match="--resume: no checkpoint in"):
         trainer.train(config(data, tmp_path / "nothing", resume=True), QUIET)
 
 

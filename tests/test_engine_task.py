@@ -23,6 +23,7 @@ from cmvae_engine.engine.checkpoint import load_checkpoint
 from cmvae_engine.engine.config import CheckpointConfig, DataConfig, OptimConfig, StepConfig, TrainConfig
 from cmvae_engine.engine.recipes import Recipe
 from cmvae_engine.engine.run import load_run
+from cmvae_engine.engine.signals import Stopped
 from cmvae_engine.engine.step import TrainStep, resolve_options
 from cmvae_engine.engine.tasks import Task
 
@@ -145,7 +146,8 @@ def test_a_new_family_resumes_exactly(toy_registered, data, tmp_path, monkeypatc
     full, cut = tmp_path / "full", tmp_path / "cut"
     trainer.train(toy_config(data, full), QUIET)
     monkeypatch.setattr(ToyRecipe, "signal_at", 6)
-    trainer.train(toy_config(data, cut), QUIET)
+    with pytest.raises(Stopped):
+        trainer.train(toy_config(data, cut), QUIET)
     assert load_checkpoint(cut / "checkpoint.pt")["state"]["step"] == 6
     monkeypatch.setattr(ToyRecipe, "signal_at", None)
     trainer.train(toy_config(data, cut, resume=True), QUIET)

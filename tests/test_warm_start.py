@@ -18,6 +18,7 @@ from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.engine.config import FastRecipeConfig, TrainConfig
 from cmvae_engine.engine.fast_recipe import FastRecipe, probe_means
 from cmvae_engine.engine.recipes import build_recipe
+from cmvae_engine.engine.signals import Stopped
 from cmvae_engine.engine.trainer import train
 from cmvae_engine.engine.warm_start import ContrastWarmStart, WarmStartContext, z_tower_parameters
 
@@ -216,7 +217,8 @@ def test_a_run_stopped_in_the_warm_start_resumes_it_and_matches(pd3, tmp_path, m
         return cross_modal_infonce(z, tau)
 
     monkeypatch.setattr(ws, "cross_modal_infonce", infonce_then_signal)
-    train(fast_cfg(pd3, stopped), QUIET)
+    with pytest.raises(Stopped, match="before step 1"):
+        train(fast_cfg(pd3, stopped), QUIET)
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     payload = torch.load(stopped / "checkpoint.pt", weights_only=True)

@@ -451,3 +451,37 @@ def _check_label_names(
             path=labels_path,
             fix="list one name per class in `label_names` (index = label) or remove the field",
         )
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def constant_images(data: MultimodalDataset) -> list[str]:
+    """One warning per modality file whose pixels all hold the same value (the modality then carries nothing:
+    often a wrong scale at conversion, e.g. floats in [0, 1] cast to uint8)."""
+    warnings = []
+    for split_name, split in data.splits.items():
+        for k, array in enumerate(split.modalities):
+            if array.size and array.min() == array.max():
+                path = data.root / split_name / f"m{k}.npy"
+                warnings.append(
+                    f"{path}: every pixel of every image is {int(array.min())}: this modality carries no "
+                    "information. Fix: check how the file was made (uint8 0..255 expected; floats in [0, 1] "
+                    "must be scaled by 255 before the cast)"
+                )
+    return warnings
+
+
+def fingerprint(data: MultimodalDataset, rows: int = 64) -> str:
+    """A short hash of what a data set is: its modalities, split sizes, image shapes and the pixels of its first
+    and last training tuples. Equal for copies of one set, so a moved data set is recognised on resume."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps([data.modality_names, {k: s.n for k, s in data.splits.items()}]).encode())
+    train = data.splits["train"]
+    for array in train.modalities:
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array[:rows]).tobytes())
+        h.update(np.ascontiguousarray(array[-1:]).tobytes())
+    return h.hexdigest()[:16]

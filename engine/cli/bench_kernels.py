@@ -7,6 +7,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from cmvae_engine.cmvae.checks import THREADS, check_flags
 
 Opt = typer.Option
 
@@ -51,8 +54,11 @@ def bench_kernels_command(
         console.print(f"[red]error:[/] --device {device}: CUDA is not available on this machine; use --device cpu")
         raise typer.Exit(2)
     if threads is not None:
-        if threads < 1:
-            raise typer.BadParameter(f"{threads} must be >= 1", param_hint="--threads")
+        try:
+            check_flags(("--threads", threads, THREADS, 2))
+        except ValueError as e:
+            console.print(Text(f"error: {e}", style="red"))
+            raise typer.Exit(2) from None
         torch.set_num_threads(threads)
     preset = "tiny" if tiny else ("quick" if (quick if quick is not None else dev.type == "cpu") else "full")
     cases = bench.select_cases(preset, op_names)

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cmvae_engine.cmvae.checks import COUNT, Rule, check_flags
 from cmvae_engine.cmvae.data.errors import DataError
 
 
@@ -27,9 +28,8 @@ def bench_train_command(
 
     console = Console()
     try:
+        check_flags(("--steps", steps, COUNT, 20), ("--warmup", warmup, Rule(int, low=0), 5))
         cfg = parse_train_flags(dataset, list(ctx.args), "cmvae-engine bench train")
-        if steps < 1 or warmup < 0:
-            raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
         path, rows = bench_train(cfg, steps=steps, warmup=warmup, out_dir=out)
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {e}")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cmvae_engine.cmvae.checks import COUNT, SEED, THREADS, Rule, check_flags
 from cmvae_engine.cmvae.data.errors import DataError
 
 if TYPE_CHECKING:
@@ -63,13 +64,15 @@ def train_command(
     from cmvae_engine.engine.trainer import resolve_device, resolve_with_progress
 
     console = Console()
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     try:
-        if epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {epochs}")
+        check_flags(("--epochs", epochs, COUNT, 10), ("--batch-size", batch_size, COUNT, 128),
+                    ("--lr", lr, Rule(float, low=0, low_open=True), 1e-3),
+                    ("--max-steps", max_steps, Rule(int, low=1, optional=True), 100), ("--seed", seed, SEED, 0),
+                    ("--threads", threads, THREADS, 1))
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         root = resolve_with_progress(dataset, data_root, console)
         ds = read_dataset(root)
         dev = resolve_device(device)

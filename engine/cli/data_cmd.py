@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cmvae_engine.cmvae.checks import COUNT, SEED, ConfigError, Rule, check_flags
 from cmvae_engine.cmvae.data.errors import DataError
-from cmvae_engine.cmvae.data.format import MultimodalSplit, read_dataset
+from cmvae_engine.cmvae.data.format import SPLITS, MultimodalSplit, read_dataset
 from cmvae_engine.cmvae.data.polydigits import synth_polydigits
 from cmvae_engine.cmvae.data.polymnist import convert_polymnist
 from cmvae_engine.cmvae.data.resolve import default_data_root, resolve_dataset
@@ -42,13 +43,14 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _clean_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Report DataError as one red line and exit code 2: the message already says what to fix."""
+    """Report DataError (bad data) and ConfigError (a bad flag) as one red line and exit code 2: the message
+    already says what to fix."""
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except DataError as err:
+        except (DataError, ConfigError) as err:
             # Text, not markup: messages hold paths and brackets that rich would otherwise interpret.
             _console(stderr=True).print(Text(f"error: {err}", style="red"))
             raise typer.Exit(EXIT_DATA_ERROR) from None
@@ -72,6 +74,9 @@ def synth(
     """Generate a synthetic data set offline (PolyDigits: PolyMNIST-like, from scikit-learn's digits)."""
     if name not in SYNTHETIC:
         raise DataError(f"unknown synthetic data set {name!r}", fix=f"choose one of: {', '.join(SYNTHETIC)}")
+    check_flags(("--modalities", modalities, Rule(int, low=2, high=8), 5), ("--n-train", n_train, COUNT, 10000),
+                ("--n-valid", n_valid, Rule(int, low=0), 1000), ("--n-test", n_test, COUNT, 2000),
+                ("--seed", seed, SEED, 0))
     if out is None:
         out = default_data_root() / (name if modalities == 5 else f"{name}-m{modalities}")
     from cmvae_engine.engine.progress import Board
@@ -95,6 +100,7 @@ def convert(
     """Convert a raw data set into our format (.npy arrays + manifest)."""
     if kind not in CONVERTIBLE:
         raise DataError(f"unknown layout {kind!r}", fix=f"choose one of: {', '.join(CONVERTIBLE)}")
+    check_flags(("--seed", seed, SEED, 0))
     path = convert_polymnist(src, dst, seed=seed)
     _console().print(f"converted {src} to {path}", markup=False)
 
@@ -127,6 +133,8 @@ def grid(
     data_root: DataRootOpt = None,
 ) -> None:
     """Write a PNG of the first N tuples: one row per tuple, one column per modality."""
+    check_flags(("--n", n, COUNT, 8), ("--scale", scale, Rule(int, low=1, high=64), 3),
+                ("--split", split, Rule(SPLITS), "train"))
     data = read_dataset(resolve_dataset(dataset, data_root=data_root), mmap=True)
     picture = tuple_grid(data.split(split), n)
     if scale > 1:

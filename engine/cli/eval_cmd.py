@@ -8,7 +8,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from cmvae_engine.cmvae.checks import COUNT, SEED, THREADS, Rule, check_flags
 from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import SPLITS
 
 Opt = typer.Option
 
@@ -41,6 +43,12 @@ def eval_command(
 
     console = Console()
     try:
+        check_flags(("--split", split, Rule(SPLITS), "test"),
+                    ("--fid-split", fid_split, Rule(SPLITS, optional=True), "train"),
+                    ("--n-fid", n_fid, COUNT, 10000), ("--n-unconditional", n_unconditional, COUNT, 10000),
+                    ("--n-latent-train", n_latent_train, Rule(int, low=10), 5000),
+                    ("--batch-size", batch_size, COUNT, 1000), ("--seed", seed, SEED, 0),
+                    ("--threads", threads, THREADS, 1))
         cfg = EvalConfig(
             run_dir=run_dir, split=split, checkpoint=checkpoint, clustering=clustering, coherence=coherence,
             latent=latent, fid=fid, inception_weights=inception_weights, n_fid=n_fid, fid_split=fid_split,

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from cmvae_engine.cmvae.checks import COUNT, SEED, Rule, check_flags
+
 Opt = typer.Option
 
 
@@ -27,6 +29,8 @@ def generate_command(
 
     console = Console()
     try:
+        check_flags(("--n", n, COUNT, 8), ("--cluster", cluster, Rule(int, low=0, optional=True), 0),
+                    ("--seed", seed, SEED, 0))
         generate_run(run_dir, n=n, cluster=cluster, out=out, seed=seed, device=device, data_root=data_root,
                      console=console)
     except (ValueError, FileNotFoundError) as e:

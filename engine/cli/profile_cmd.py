@@ -7,16 +7,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cmvae_engine.cmvae.checks import COUNT, Rule, check_flags
 from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.engine.config import TrainConfig
 
 
 def parse_train_flags(dataset: str, args: list[str], command: str) -> TrainConfig:
     """A TrainConfig from `cmvae-engine train` flags (the same parser, so every train flag works here)."""
-    from cmvae_engine.engine.cli.train_cmd import train_config
+    from cmvae_engine.engine.cli.train_cmd import train_flags
 
     app = typer.Typer()
-    app.command()(train_config)
+    app.command()(train_flags)
     cmd = typer.main.get_command(app)
     try:
         ctx = cmd.make_context(command, [dataset, *args])
@@ -43,6 +44,7 @@ def profile_command(
 
     console = Console()
     try:
+        check_flags(("--steps", steps, COUNT, 10), ("--warmup", warmup, Rule(int, low=0), 5))
         cfg = parse_train_flags(dataset, list(ctx.args), "cmvae-engine profile")
         profile_training(cfg, steps=steps, warmup=warmup, out=out, console=console)
     except (DataError, ValueError, FileNotFoundError) as e:

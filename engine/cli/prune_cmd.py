@@ -9,6 +9,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from cmvae_engine.cmvae.checks import COUNT, SEED, THREADS, Rule, check_flags
+from cmvae_engine.cmvae.data.format import SPLITS
+from cmvae_engine.cmvae.prune import ASSIGN_RULES, ENTROPY_NORMS
+
 Opt = typer.Option
 
 
@@ -31,6 +35,10 @@ def prune_command(
 
     console = Console()
     try:
+        check_flags(("--entropy-norm", entropy_norm, Rule(ENTROPY_NORMS), "initial"),
+                    ("--assign", assign, Rule(ASSIGN_RULES), "vote"), ("--split", split, Rule(SPLITS), "valid"),
+                    ("--seed", seed, SEED, 0), ("--batch-size", batch_size, COUNT, 512),
+                    ("--threads", threads, THREADS, 1))
         prune_run(run_dir, entropy_norm=entropy_norm, assign=assign, split=split, device=device, seed=seed,
                   batch_size=batch_size, threads=threads, data_root=data_root, console=console)
     except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError

@@ -1,38 +1,50 @@
 """`cmvae-engine train DATASET`: reference defaults, a flag for each.
 
-`train_config` holds the flags (and builds the TrainConfig); `train_command` is the command with the same flags.
-`cmvae-engine profile` and `bench train` parse train flags through `train_config` too.
+`train_flags` holds the flags and builds the TrainConfig (`config_from_flags`); `train_command` is the command with
+the same flags. `cmvae-engine profile` and `bench train` parse train flags through `train_flags` too.
+
+What the user passed is told apart from defaults by click's parameter source (command line or environment), so
+`--resume` and `--config RUN/config.json` take the run's settings and override exactly the flags given, even one
+given with its default value (`--clusters 40` on a K=10 run is then refused as a change of the model).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
+import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cmvae_engine.cmvae.config import ModelConfig
-from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.engine.config import (
     CheckpointConfig,
+    ConfigError,
     DataConfig,
     FastRecipeConfig,
     OptimConfig,
     StepConfig,
     TrainConfig,
 )
+from cmvae_engine.engine.signals import EXIT_BAD_INPUT, EXIT_FAILED
 
 Opt = typer.Option
 
 
-def train_config(
-    dataset: Annotated[str, typer.Argument(help="`polydigits` (built in), `polymnist`, or a data folder.")],
+def train_flags(
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Argument(help="`polydigits` (built in), `polymnist`, or a data folder "
+                                                       "(with --resume or --config: default the run's).",
+                                                  show_default=False)] = None,
     epochs: Annotated[int, Opt(help="Passes over the training split.")] = 250,
     batch_size: Annotated[int, Opt(help="Tuples per step.")] = 128,
     lr: Annotated[float, Opt(help="Adam learning rate.")] = 1e-3,
+    amsgrad: Annotated[bool, Opt("--amsgrad/--no-amsgrad", help="The AMSGrad variant of Adam (the reference: on).")]
+    = True,
     beta: Annotated[float, Opt(help="Weight of the latent terms.")] = 2.5,
     clusters: Annotated[int, Opt("--clusters", "-k", help="Mixture components K.")] = 40,
     z_dim: Annotated[int, Opt(help="Shared latent size Dz.")] = 32,
@@ -82,77 +94,159 @@ def train_config(
     = False,
     checkpoint_every: Annotated[int, Opt(help="Steps between checkpoints (0: epoch ends and stops only).")] = 0,
     keep: Annotated[int, Opt(help="ckpt-{step}.pt files kept (checkpoint.pt is always the latest).")] = 3,
-    resume: Annotated[bool, Opt(help="Continue --out from its latest checkpoint; flags you pass override "
-                                     "the run's saved settings where they may change.")] = False,
+    resume: Annotated[bool, Opt(help="Continue --out from its newest valid checkpoint with the run's settings; flags "
+                                     "you pass override those that may change (a changed model, objective, seed, "
+                                     "optimiser or data set is refused).")] = False,
+    overwrite: Annotated[bool, Opt(help="Replace the run already in --out (its checkpoints, metrics and outputs, "
+                                        "removed once the new run's data and settings are checked).")] = False,
+    config: Annotated[str | None, Opt(help="Start from the settings of a saved run (RUN/config.json); flags you "
+                                           "pass override them.", show_default=False)] = None,
     nproc: Annotated[int, Opt(help="Data-parallel processes (one per GPU; gloo on CPU); --batch-size stays "
                                    "the global batch.")] = 1,
 ) -> TrainConfig:
     """Train a CMVAE (or MMVAE+) with the reference defaults of the paper's PolyMNIST run."""
+    flags = {k: v for k, v in locals().items() if k != "ctx"}
+    return config_from_flags(flags, explicit_flags(ctx, flags))
+
+
+def _build(f: dict, fast_base: FastRecipeConfig | None = None) -> TrainConfig:
+    """The TrainConfig the flags describe on their own (every value checked)."""
     return TrainConfig(
-        model=ModelConfig(kind=model, n_clusters=clusters, z_dim=z_dim, w_dim=w_dim, family=family,
-                          width=width, learn_scales=learn_scales),
-        data=DataConfig(dataset=dataset, data_root=data_root, drop_last=drop_last, loader=loader, workers=workers,
-                        shard_dir=shard_dir, shuffle_buffer=shuffle_buffer),
-        optim=OptimConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps),
-        step=StepConfig(amp=amp, amp_dtype=amp_dtype, compile=compile, cuda_graphs=cuda_graphs,
-                        channels_last=channels_last, decode_per_pair=per_pair_decoders),
-        ckpt=CheckpointConfig(every=checkpoint_every, keep=keep),
-        recipe=recipe, fast=FastRecipeConfig.from_flags(fast_disable, fast_enable, fast_set),
-        objective=objective, n_samples=samples, beta=beta, seed=seed, device=device, out=out,
-        log_every=log_every, log=log, eval_every=eval_every, threads=threads, kernels=kernels, resume=resume,
-        nproc=nproc,
+        model=ModelConfig(kind=f["model"], n_clusters=f["clusters"], z_dim=f["z_dim"], w_dim=f["w_dim"],
+                          family=f["family"], width=f["width"], learn_scales=f["learn_scales"]),
+        data=DataConfig(dataset=f["dataset"], data_root=f["data_root"], drop_last=f["drop_last"], loader=f["loader"],
+                        workers=f["workers"], shard_dir=f["shard_dir"], shuffle_buffer=f["shuffle_buffer"]),
+        optim=OptimConfig(lr=f["lr"], amsgrad=f["amsgrad"], batch_size=f["batch_size"], epochs=f["epochs"],
+                          max_steps=f["max_steps"]),
+        step=StepConfig(amp=f["amp"], amp_dtype=f["amp_dtype"], compile=f["compile"], cuda_graphs=f["cuda_graphs"],
+                        channels_last=f["channels_last"], decode_per_pair=f["per_pair_decoders"]),
+        ckpt=CheckpointConfig(every=f["checkpoint_every"], keep=f["keep"]),
+        recipe=f["recipe"], fast=FastRecipeConfig.from_flags(f["fast_disable"], f["fast_enable"], f["fast_set"],
+                                                             fast_base),
+        objective=f["objective"], n_samples=f["samples"], beta=f["beta"], seed=f["seed"], device=f["device"],
+        out=f["out"], log_every=f["log_every"], log=f["log"], eval_every=f["eval_every"], threads=f["threads"],
+        kernels=f["kernels"], resume=f["resume"], overwrite=f["overwrite"], nproc=f["nproc"],
     )
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+_FAST_FLAGS = ("fast_disable", "fast_enable", "fast_set")
 
 
-def _unflat(flat: dict) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+def _option(flag: str) -> str:
+    """`--amsgrad/--no-amsgrad` -> `amsgrad`, `DATASET` -> `dataset`: the parameter name of a config field's flag."""
+    return flag.split("/")[0].lstrip("-").replace("-", "_").lower()
 
 
-def resume_config(cfg: TrainConfig, defaults: TrainConfig) -> TrainConfig:
-    """The saved config of the run in cfg.out, overridden by every setting of cfg that differs from defaults."""
-    from cmvae_engine.engine.checkpoint import load_checkpoint
-    from cmvae_engine.engine.resume import LATEST
-
-    path = Path(cfg.out) / LATEST
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train into --out {cfg.out} first, or drop "
-                                "--resume")
-    saved = _flat(load_checkpoint(path)["config"])
-    new, base = _flat(cfg.to_dict()), _flat(defaults.to_dict())
-    saved.update({k: v for k, v in new.items() if k not in saved or v != base.get(k)})
-    saved.update(resume=True, out=cfg.out)
-    return TrainConfig.from_dict(_unflat(saved))
+def option_fields() -> dict[str, str]:
+    """Each train option -> the config field it sets (dotted), from the FLAGS tables of the config classes."""
+    fields = {_option(flag): name for name, flag in TrainConfig.FLAGS.items()}
+    for section, cls in TrainConfig.SECTIONS.items():
+        fields.update({_option(flag): f"{section}.{name}" for name, flag in getattr(cls, "FLAGS", {}).items()})
+    fields.update({f: "fast" for f in _FAST_FLAGS})
+    return fields
 
 
-@functools.wraps(train_config)
+def explicit_flags(ctx: typer.Context | None, flags: dict) -> set[str]:
+    """The options the user passed (command line or environment variable), whatever their value."""
+    if ctx is None:
+        return set(flags)
+    given = set()
+    for name in flags:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.add(name)
+    return given
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def read_config_file(path: str) -> dict:
+    """The TrainConfig dict of a run's config.json (`{"config": {...}, ...}`) or of a bare config dict."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file. Fix: pass a run's config.json (RUN/config.json, "
+                                "written by `cmvae-engine train`)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {file}: not valid JSON ({e}). Fix: pass a run's config.json, or repair this "
+                          "file") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {file}: holds a JSON {type(data).__name__}, not a run's settings. Fix: pass a "
+                          "run's config.json")
+    return data
+
+
+def _saved_run_config(out: str) -> dict:
+    from cmvae_engine.engine.resume import check_out_folder, find_latest
+
+    check_out_folder(Path(out), resume=True, overwrite=False)
+    return find_latest(Path(out)).payload["config"]
+
+
+def config_from_flags(flags: dict, explicit: set[str]) -> TrainConfig:
+    """The run's config: the flags alone, or (with --resume / --config) the saved settings of a run with the
+    explicitly passed flags on top. A changed fixed setting under --resume is refused later, by the trainer,
+    against the checkpoint it resumes from."""
+    if flags["resume"] and flags["config"]:
+        raise ConfigError("--config and --resume both give the run's settings. Fix: pass --resume alone to continue "
+                          "the run in --out, or --config alone to start a new run from saved settings")
+    if not flags["resume"] and not flags["config"]:
+        if flags["dataset"] is None:
+            raise ConfigError("missing DATASET. Fix: pass `polydigits`, `polymnist` or a data folder (or --config "
+                              "RUN/config.json to re-run a saved run, --resume to continue one)")
+        return _build(flags)
+    source = f"--config {flags['config']}" if flags["config"] else f"the checkpoint in --out {flags['out']}"
+    base = read_config_file(flags["config"]) if flags["config"] else _saved_run_config(flags["out"])
+    try:
+        saved = TrainConfig.from_dict(base, where=source)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (or correct that field in the file)") from None
+    merged = saved.to_dict()
+    merged.update(resume=flags["resume"], overwrite=flags["overwrite"])
+    if flags["resume"]:
+        merged["out"] = flags["out"]
+    # The passed values as they are: cross-field checks (e.g. --nproc against the batch size) then see the run's
+    # own values, not the flags' defaults.
+    fields = option_fields()
+    for name in sorted(explicit - set(_FAST_FLAGS)):
+        if name in fields:
+            _set(merged, fields[name], flags[name])
+    if explicit & set(_FAST_FLAGS):
+        merged["fast"] = asdict(FastRecipeConfig.from_flags(flags["fast_disable"], flags["fast_enable"],
+                                                            flags["fast_set"], base=saved.fast))
+    return TrainConfig.from_dict(merged, where="your flags on the saved settings")
+
+
+@functools.wraps(train_flags)
 def train_command(**options) -> None:
+    from cmvae_engine.engine.signals import Stopped
     from cmvae_engine.engine.trainer import train  # heavy imports only when the command runs
 
     console = Console()
+    errors = Console(stderr=True, soft_wrap=True)
     try:
-        cfg = train_config(**options)
-        if cfg.resume:
-            defaults = {p.name: p.default for p in inspect.signature(train_config).parameters.values()
-                        if p.name != "dataset"}
-            cfg = resume_config(cfg, train_config(dataset=options["dataset"], **defaults))
+        cfg = train_flags(**options)
         train(cfg, console)
-    except (DataError, ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+    except Stopped as e:  # the loop has said where the checkpoint is
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        errors.print(Text(f"interrupted at once (a second Ctrl-C): the newest checkpoint in {options['out']} is kept; "
+                          "continue with the same command and --resume", style="red"))
+        raise typer.Exit(130) from None
+    except (ValueError, FileNotFoundError) as e:  # refused before training: bad input (DataError is a ValueError)
+        errors.print(Text(f"error: {e}", style="red"))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (FloatingPointError, RuntimeError) as e:  # training failed (non-finite loss, full disk, a worker)
+        errors.print(Text(f"error: {e}", style="red"))
+        raise typer.Exit(EXIT_FAILED) from None
+

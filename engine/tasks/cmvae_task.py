@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from cmvae_engine.cmvae.clustering import assign_clusters, encode_split, to_float
+from cmvae_engine.cmvae.config import IMAGE_CHANNELS
+from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.format import IMAGE_SIZE
 from cmvae_engine.cmvae.metrics import clustering_scores
 from cmvae_engine.cmvae.model import CMVAE, Posterior
 from cmvae_engine.cmvae.objectives import loss_fn
@@ -51,11 +54,43 @@ class CMVAEObjective(nn.Module):
         return loss, -out.bound.sum()
 
 
+def check_fits(kind: str, data_info: dict) -> int:
+    """Refuse data the CMVAE networks cannot take, naming the files and the fix; returns the channel count.
+
+    The one place that says what the networks accept: at least 2 modalities (the model is multimodal), every
+    modality with the same channel count, 1 (grey) or 3 (RGB), and 28 x 28 images. Heterogeneous modalities
+    relax this function."""
+    root = Path(data_info["root"])
+    shapes = [tuple(s) for s in data_info["image_shapes"]]
+    if len(shapes) < 2:
+        raise DataError(f"holds {len(shapes)} modality ({', '.join(f'm{k}.npy' for k in range(len(shapes)))} in "
+                        f"each split); {kind} is a multimodal model and needs at least 2",
+                        path=root, fix="add a second modality (m1.npy in every split), or train on another data set")
+    channels = sorted({c for c, _, _ in shapes})
+    files = ", ".join(f"m{k}.npy: {c}" for k, (c, _, _) in enumerate(shapes))
+    if len(channels) > 1:
+        raise DataError(f"the modalities have different channel counts ({files}); the networks take one channel "
+                        "count for every modality for now", path=root / "train",
+                        fix="convert every modality to the same count: grey to RGB with np.repeat(x, 3, axis=1), "
+                            "RGB to grey with x.mean(axis=1, keepdims=True).round().astype(np.uint8)")
+    if channels[0] not in IMAGE_CHANNELS:
+        raise DataError(f"images have {channels[0]} channels ({files}); the networks take 1 (grey) or 3 (RGB)",
+                        path=root / "train" / "m0.npy",
+                        fix="drop an alpha channel with x[:, :3], or convert the images to grey or RGB")
+    for k, (_, h, w) in enumerate(shapes):
+        if (h, w) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"images are {h}x{w}; the networks take {IMAGE_SIZE}x{IMAGE_SIZE} only for now",
+                            path=root / "train" / f"m{k}.npy", fix=f"resize the images to {IMAGE_SIZE}x{IMAGE_SIZE}")
+    return channels[0]
+
+
 class CMVAETask(Task):
     kind = "cmvae"
 
     def adapt_config(self, cfg: TrainConfig, data_info: dict) -> None:
-        cfg.model.n_modalities = len(data_info["modalities"])  # the data decides M
+        """The data decides M and the image channels, once check_fits has accepted it."""
+        cfg.model.image_channels = check_fits(cfg.model.kind, data_info)
+        cfg.model.n_modalities = len(data_info["modalities"])
 
     def build_model(self, cfg: TrainConfig) -> CMVAE:
         return CMVAE(cfg.model)

@@ -1,11 +1,14 @@
 """Convergence benchmark: how soon each recipe gives a clustered model, against wall-clock time and steps.
 
 Each (recipe, seed) trains for a wall-clock budget. Every `eval_every_steps` steps the clock stops and the
-model is scored on the test split: NMI, ARI, ACC of the majority vote of argmax p(c|z_m) over all K clusters,
-the clusters in use, and (every `prune_every` evaluations, and always at the end) the cluster set chosen by
-pruning on the validation split from all K clusters, scored on the test split with that set. The x-axis is
-training time only (steps, recipe hooks, data); evaluation time is recorded separately. One z-tower pass per
-split and evaluation: the same z draw serves the vote and the pruned assignment (common random numbers).
+model is scored on each split of `score_splits` (valid and test by default), each in its own columns named by
+the split (`valid_nmi`, `test_nmi`, ...): NMI, ARI, ACC of the majority vote of argmax p(c|z_m) over all K
+clusters, the clusters in use, and (every `prune_every` evaluations, and always at the end) the cluster set
+chosen by pruning from all K clusters on the validation split (`prune_split`), scored on every split with that
+set (`valid_pruned_nmi`, `test_pruned_nmi`, ...). Choose settings on the valid columns; the test columns are for
+the final report. The x-axis is training time only (steps, recipe hooks, data); evaluation time is recorded
+separately. One z-tower pass per split and evaluation: the same z draw serves the vote and the pruned assignment
+(common random numbers).
 
 Writes `bench/results/convergence-{dataset}-{device}-w{width}-{time}.json` (rewritten after every run, so a
 stopped benchmark keeps its finished runs) and a `.png` with NMI against time and against steps.
@@ -45,7 +48,8 @@ from cmvae_engine.engine.warm_start import WarmStartContext
 
 THRESHOLDS = (0.5, 0.8, 0.9)
 SCORED = ("nmi", "pruned_nmi")
-"""Curve keys whose first crossing of each threshold is reported."""
+"""Scores (per split: `{split}_nmi`, ...) whose first crossing of each threshold is reported."""
+SPLITS = ("valid", "test")
 
 
 @dataclass
@@ -72,8 +76,11 @@ class ConvergenceSettings:
     fast: FastRecipeConfig = field(default_factory=FastRecipeConfig)
     step: StepConfig = field(default_factory=StepConfig)
     diagnostics: bool = False
-    """Also score k-means (k = number of test classes) on each modality's test posterior means (mean NMI over
-    modalities): how far the representation has come; it uses the label count and never feeds back."""
+    """Also score k-means (k = number of classes) on each modality's posterior means of every scored split (mean
+    NMI over modalities, `{split}_kmeans_nmi`): how far the representation has come; it uses the label count and
+    never feeds back."""
+    score_splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    """Splits scored at every evaluation, each in its own columns; each needs labels."""
     out_dir: str = "bench/results"
     tag: str = ""
 
@@ -90,6 +97,10 @@ class ConvergenceSettings:
             raise ValueError(f"--prune-every must be >= 0, got {self.prune_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        bad = [x for x in self.score_splits if x not in SPLITS]
+        if bad or not self.score_splits or len(set(self.score_splits)) != len(self.score_splits):
+            raise ValueError(f"--score-splits takes distinct names from {','.join(SPLITS)}, got "
+                             f"{','.join(self.score_splits) or 'nothing'}")
 
 
 # ----- provenance ------------------------------------------------------------------------------------------
@@ -144,10 +155,11 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class Splits:
     train: torch.Tensor
-    test: torch.Tensor
-    test_labels: np.ndarray
+    scored: dict[str, tuple[torch.Tensor, np.ndarray]]
+    """Each scored split's images [M, N, C, H, W] and labels [N], in the order scored."""
     valid: torch.Tensor
     valid_name: str
+    """The split pruning selects on: valid, or test when the data set has no valid split."""
     name: str
 
 
@@ -158,15 +170,30 @@ def load_splits(s: ConvergenceSettings, console: Console) -> Splits:
                          "(test/labels.npy); add them or choose a labelled data set")
     valid_name = "valid" if "valid" in ds.splits else "test"
     if valid_name == "test":
-        console.print(f"[yellow]{s.dataset} has no valid split: pruning selects on the test split[/]")
+        console.print(f"[yellow]{s.dataset} has no valid split: pruning selects on the test split, and only the "
+                      "test split is scored[/]")
+    names = [x for x in s.score_splits if x in ds.splits]
+    for x in names:
+        if ds.splits[x].labels is None:
+            raise ValueError(f"{s.dataset}: --score-splits names {x}, which has no labels ({x}/labels.npy); add "
+                             f"them or leave {x} out of --score-splits")
+    if not names:
+        raise ValueError(f"{s.dataset}: none of --score-splits {','.join(s.score_splits)} is in the data set")
     imgs = {k: stack_modalities(v.modalities) for k, v in ds.splits.items()}
-    return Splits(imgs["train"], imgs["test"], np.asarray(ds.splits["test"].labels), imgs[valid_name], valid_name,
-                  ds.name)
+    scored = {x: (imgs[x], np.asarray(ds.splits[x].labels)) for x in names}
+    return Splits(imgs["train"], scored, imgs[valid_name], valid_name, ds.name)
+
+
+def _scores(labels: np.ndarray, clusters: torch.Tensor) -> dict:
+    row = clustering_scores(labels, clusters.cpu().numpy())
+    row["in_use"] = row.pop("n_clusters")
+    return row
 
 
 @torch.no_grad()
 def evaluate(model: CMVAE, splits: Splits, *, beta: float, prune: bool, seed: int, diagnostics: bool) -> dict:
-    """Scores of the model on the test split; with `prune`, the set chosen on the validation split too.
+    """Scores of the model on each scored split, in columns `{split}_{score}`; with `prune`, the set chosen on
+    the validation split (`pruned_k`) and every split's scores with that set (`{split}_pruned_{score}`).
 
     One z-tower pass per split and one z draw per datapoint and modality (the reference's sampled z)."""
     device = model.prior_logits.device
@@ -177,32 +204,38 @@ def evaluate(model: CMVAE, splits: Splits, *, beta: float, prune: bool, seed: in
         loc, scale = z_posterior(model, images)
         return rsample(loc, scale, family, generator=g), loc
 
-    z_test, loc_test = draw(splits.test)
-    row = clustering_scores(splits.test_labels, assign_with(model, z_test).cpu().numpy())
-    row = {k if k != "n_clusters" else "in_use": v for k, v in row.items()}
+    drawn = {name: draw(images) for name, (images, _) in splits.scored.items()}
+    row: dict = {}
+    for name, (z, _) in drawn.items():
+        row.update({f"{name}_{k}": v for k, v in _scores(splits.scored[name][1], assign_with(model, z)).items()})
     if prune:
-        z_valid = z_test if splits.valid_name == "test" else draw(splits.valid)[0]
-        res = prune_latents(model, z_valid, beta=beta)
-        scores = clustering_scores(splits.test_labels, assign_with(model, z_test, res.chosen).cpu().numpy())
-        row.update({"pruned_k": res.chosen_k, "pruned_improved": res.improved,
-                    **{f"pruned_{k}": v for k, v in scores.items() if k != "n_clusters"},
-                    "pruned_in_use": scores["n_clusters"]})
+        z_select = drawn[splits.valid_name][0] if splits.valid_name in drawn else draw(splits.valid)[0]
+        res = prune_latents(model, z_select, beta=beta)
+        row.update({"prune_split": splits.valid_name, "pruned_k": res.chosen_k, "pruned_improved": res.improved})
+        for name, (z, _) in drawn.items():
+            scores = _scores(splits.scored[name][1], assign_with(model, z, res.chosen))
+            row.update({f"{name}_pruned_{k}": v for k, v in scores.items()})
     if diagnostics:
-        k = len(np.unique(splits.test_labels))
         g_km = torch.Generator(device=device).manual_seed(seed)
-        row["kmeans_nmi"] = float(np.mean([
-            clustering_scores(splits.test_labels, kmeans(loc_m, k, restarts=4, generator=g_km).labels.cpu().numpy())
-            ["nmi"] for loc_m in loc_test]))
+        for name, (_, loc) in drawn.items():
+            labels = splits.scored[name][1]
+            k = len(np.unique(labels))
+            row[f"{name}_kmeans_nmi"] = float(np.mean([
+                clustering_scores(labels, kmeans(loc_m, k, restarts=4, generator=g_km).labels.cpu().numpy())["nmi"]
+                for loc_m in loc]))
     return row
 
 
-def first_crossings(curve: list[dict]) -> dict:
-    """For each scored key and threshold: the training time and step of the first evaluation at or above it."""
+def first_crossings(curve: list[dict], splits: list[str]) -> dict:
+    """For each split, scored key and threshold (`test_pruned_nmi>=0.9`, ...): the training time and step of the
+    first evaluation at or above it."""
     out = {}
-    for key in SCORED:
-        for t in THRESHOLDS:
-            hit = next((r for r in curve if r.get(key) is not None and r[key] >= t), None)
-            out[f"{key}>={t}"] = None if hit is None else {"train_s": hit["train_s"], "step": hit["step"]}
+    for split in splits:
+        for key in SCORED:
+            col = f"{split}_{key}"
+            for t in THRESHOLDS:
+                hit = next((r for r in curve if r.get(col) is not None and r[col] >= t), None)
+                out[f"{col}>={t}"] = None if hit is None else {"train_s": hit["train_s"], "step": hit["step"]}
     return out
 
 
@@ -254,13 +287,20 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
         row["eval_s"] = round(took, 3)
         curve.append(row)
         n_evals += 1
-        pruned = f" pruned K={row['pruned_k']} NMI {row['pruned_nmi']:.3f}" if "pruned_k" in row else ""
-        km = f" k-means NMI {row['kmeans_nmi']:.3f}" if "kmeans_nmi" in row else ""
+        parts = []
+        for name in splits.scored:
+            part = f"{name} NMI {row[f'{name}_nmi']:.3f} in use {row[f'{name}_in_use']}"
+            if "pruned_k" in row:
+                part += f", pruned {row[f'{name}_pruned_nmi']:.3f}"
+            if f"{name}_kmeans_nmi" in row:
+                part += f", k-means {row[f'{name}_kmeans_nmi']:.3f}"
+            parts.append(part)
+        pruned = f"; pruned K={row['pruned_k']} (on {row['prune_split']})" if "pruned_k" in row else ""
         checks = getattr(recipe, "checks", None)
-        check = " last check " + ", ".join(f"{k} {v:.3g}" for k, v in checks[-1].items() if k != "step") \
+        check = "; last check " + ", ".join(f"{k} {v:.3g}" for k, v in checks[-1].items() if k != "step") \
             if checks else ""
-        console.print(f"  {recipe_name} seed {seed} step {step} ({train_s:.0f}s, eval {took:.0f}s): NMI "
-                      f"{row['nmi']:.3f} in use {row['in_use']}{pruned}{km}{check}")
+        console.print(f"  {recipe_name} seed {seed} step {step} ({train_s:.0f}s, eval {took:.0f}s): "
+                      f"{'; '.join(parts)}{pruned}{check}")
 
     record(final=False)
     t0 = time.perf_counter()
@@ -293,10 +333,12 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
         "recipe": recipe_name, "seed": seed, "active_elements": recipe.active_elements(),
         "steps": step, "epochs_completed": epoch, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
         "steps_per_s": round(step / max(train_s, 1e-9), 4),
-        "first_reached": first_crossings(curve),
+        "first_reached": first_crossings(curve, list(splits.scored)),
         "final": final,
-        "final_prune": {"chosen_k": final["pruned_k"], "improved": final["pruned_improved"],
-                        "nmi": final["pruned_nmi"], "ari": final["pruned_ari"], "acc": final["pruned_acc"]},
+        "final_prune": {"split": final["prune_split"], "chosen_k": final["pruned_k"],
+                        "improved": final["pruned_improved"],
+                        **{name: {k: final[f"{name}_pruned_{k}"] for k in ("nmi", "ari", "acc")}
+                           for name in splits.scored}},
         "recipe_log": recipe.state_dict(),
         "curve": curve,
         "loadavg_start": load_start, "loadavg_end": loadavg(),
@@ -322,8 +364,12 @@ def run_convergence(s: ConvergenceSettings, console: Console | None = None) -> P
         "device_type": device.type, "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "width": s.width, "reduced": s.width < 1.0, "clusters": s.clusters, "batch_size": s.batch_size,
         "lr": s.lr, "beta": s.beta, "budget_minutes": s.budget_minutes, "eval_every_steps": s.eval_every_steps,
-        "max_steps": s.max_steps, "n_train": int(splits.train.shape[1]), "n_test": int(splits.test.shape[1]),
+        "max_steps": s.max_steps, "n_train": int(splits.train.shape[1]),
+        **{f"n_{name}": int(images.shape[1]) for name, (images, _) in splits.scored.items()},
         "n_modalities": int(splits.train.shape[0]), "prune_split": splits.valid_name,
+        "score_splits": list(splits.scored),
+        "columns": "{split}_{score}: that split's scores; {split}_pruned_{score}: with the set pruning chose on "
+                   "prune_split. Choose settings on valid; report test.",
         "torch": torch.__version__, **git_commit(), "started": started.isoformat(timespec="seconds"),
         "x_axis": "training wall time in seconds (steps, recipe hooks, data); evaluation time is in eval_s",
     }
@@ -335,19 +381,28 @@ def run_convergence(s: ConvergenceSettings, console: Console | None = None) -> P
             runs.append(run_one(s, splits, recipe, seed, device, console))
             atomic_write_json(out, {**header, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     "summary": summarise(runs), "runs": runs})
-            plot(runs, out.with_suffix(".png"), title=f"{splits.name}, {header['device']}, width {s.width:g}")
+            plot(runs, out.with_suffix(".png"), title=f"{splits.name}, {header['device']}, width {s.width:g}",
+                 splits=tuple(splits.scored))
     console.print(f"[green]done[/]: {out} and {out.with_suffix('.png')}")
     return out
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    return [{"recipe": r["recipe"], "seed": r["seed"], "steps": r["steps"], "train_s": r["train_s"],
-             "final_nmi": r["final"]["nmi"], "final_pruned_k": r["final_prune"]["chosen_k"],
-             "final_pruned_nmi": r["final_prune"]["nmi"], "first_reached": r["first_reached"]} for r in runs]
+    out = []
+    for r in runs:
+        f = r["final"]
+        names = [k[:-len("_nmi")] for k in f if k.endswith("_nmi") and "_pruned" not in k and "_kmeans" not in k]
+        out.append({"recipe": r["recipe"], "seed": r["seed"], "steps": r["steps"], "train_s": r["train_s"],
+                    "final_pruned_k": r["final_prune"]["chosen_k"],
+                    **{f"final_{n}_nmi": f[f"{n}_nmi"] for n in names},
+                    **{f"final_{n}_pruned_nmi": f[f"{n}_pruned_nmi"] for n in names},
+                    "first_reached": r["first_reached"]})
+    return out
 
 
-def plot(runs: list[dict], path: Path, title: str = "") -> None:
-    """Test NMI (vote over all K: solid; after pruning: dashed markers) against training time and steps."""
+def plot(runs: list[dict], path: Path, title: str = "", splits: tuple[str, ...] = SPLITS) -> None:
+    """Per scored split (one row each): NMI (vote over all K: solid; after pruning: dashed markers) against
+    training time and steps."""
     import io
 
     import matplotlib
@@ -355,26 +410,29 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = [n for n in splits if runs and f"{n}_nmi" in runs[0]["curve"][0]]
+    fig, grid = plt.subplots(len(names), 2, figsize=(12, 4.5 * len(names)), sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, r in enumerate(runs):
-        colour = colours[i % len(colours)]
-        label = f"{r['recipe']} seed {r['seed']}"
-        for ax, key, scale in ((axes[0], "train_s", 1 / 60), (axes[1], "step", 1)):
-            xs = [row[key] * scale for row in r["curve"]]
-            ax.plot(xs, [row["nmi"] for row in r["curve"]], color=colour, label=label)
-            pruned = [(row[key] * scale, row["pruned_nmi"]) for row in r["curve"] if "pruned_nmi" in row]
-            if pruned:
-                ax.plot(*zip(*pruned, strict=True), color=colour, linestyle="--", marker=".", alpha=0.8)
-    axes[0].set_xlabel("training wall time (min)")
-    axes[1].set_xlabel("steps")
-    axes[0].set_ylabel("test NMI (solid: vote over all K; dashed: after pruning)")
-    for ax in axes:
+    for axes, name in zip(grid, names, strict=True):
+        for i, r in enumerate(runs):
+            colour = colours[i % len(colours)]
+            label = f"{r['recipe']} seed {r['seed']}"
+            for ax, key, scale in ((axes[0], "train_s", 1 / 60), (axes[1], "step", 1)):
+                xs = [row[key] * scale for row in r["curve"]]
+                ax.plot(xs, [row[f"{name}_nmi"] for row in r["curve"]], color=colour, label=label)
+                col = f"{name}_pruned_nmi"
+                pruned = [(row[key] * scale, row[col]) for row in r["curve"] if col in row]
+                if pruned:
+                    ax.plot(*zip(*pruned, strict=True), color=colour, linestyle="--", marker=".", alpha=0.8)
+        axes[0].set_xlabel("training wall time (min)")
+        axes[1].set_xlabel("steps")
+        axes[0].set_ylabel(f"{name} NMI (solid: vote over all K; dashed: after pruning)")
+        axes[1].legend(fontsize=8, loc="lower right")
+    for ax in grid.flat:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         for t in THRESHOLDS:
             ax.axhline(t, color="grey", linewidth=0.5, linestyle=":")
-    axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

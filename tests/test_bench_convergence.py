@@ -38,10 +38,18 @@ def test_benchmark_writes_json_and_plot(tiny_data, tmp_path):
         # pruned at evaluations 0 and 2 (prune_every=2) and always at the end
         assert ["pruned_k" in row for row in r["curve"]] == [True, False, True]
         for row in r["curve"]:
-            assert 0 <= row["nmi"] <= 1 and -1 <= row["ari"] <= 1 and 0 <= row["acc"] <= 1
-            assert 1 <= row["in_use"] <= 5 and "kmeans_nmi" in row
-        assert 2 <= r["final_prune"]["chosen_k"] <= 5
-        assert set(r["first_reached"]) == {f"{k}>={t}" for k in ("nmi", "pruned_nmi") for t in THRESHOLDS}
+            for split in ("valid", "test"):  # each split in its own columns, named by it
+                assert 0 <= row[f"{split}_nmi"] <= 1 and -1 <= row[f"{split}_ari"] <= 1
+                assert 0 <= row[f"{split}_acc"] <= 1 and 1 <= row[f"{split}_in_use"] <= 5
+                assert f"{split}_kmeans_nmi" in row
+                assert (f"{split}_pruned_nmi" in row) == ("pruned_k" in row)
+            assert "nmi" not in row and "pruned_nmi" not in row  # no column without its split
+            if "pruned_k" in row:
+                assert row["prune_split"] == "valid"
+        assert 2 <= r["final_prune"]["chosen_k"] <= 5 and r["final_prune"]["split"] == "valid"
+        assert set(r["final_prune"]) >= {"valid", "test"}
+        assert set(r["first_reached"]) == {f"{split}_{k}>={t}" for split in ("valid", "test")
+                                           for k in ("nmi", "pruned_nmi") for t in THRESHOLDS}
         assert len(r["loadavg_start"]) == 3 and len(r["loadavg_end"]) == 3
         assert r["config"]["recipe"] == r["recipe"] and r["config"]["model"]["width"] == 0.0625
     paper, fast_run = d["runs"]
@@ -49,21 +57,40 @@ def test_benchmark_writes_json_and_plot(tiny_data, tmp_path):
     assert fast_run["active_elements"] == ["init", "refit", "prior-lr"]
     assert fast_run["recipe_log"]["fitted_at"] == 4  # checks at 2 (first) and 4 (levelled: plateau 1.0)
     # Until the fit the two recipes train identically: same curve at step 3.
-    assert paper["curve"][1]["nmi"] == fast_run["curve"][1]["nmi"]
+    assert paper["curve"][1]["test_nmi"] == fast_run["curve"][1]["test_nmi"]
+    assert paper["curve"][1]["valid_nmi"] == fast_run["curve"][1]["valid_nmi"]
     assert [s["recipe"] for s in d["summary"]] == ["paper", "fast"]
+    assert d["score_splits"] == ["valid", "test"] and d["n_valid"] == 32 and d["n_test"] == 48
     with Image.open(path.with_suffix(".png")) as im:
         assert im.size[0] > 600 and im.size[1] > 300
 
 
 def test_first_crossings_reports_the_first_evaluation_at_or_above_each_threshold():
-    curve = [{"step": 0, "train_s": 0.0, "nmi": 0.1},
-             {"step": 10, "train_s": 5.0, "nmi": 0.85, "pruned_nmi": 0.5},
-             {"step": 20, "train_s": 9.0, "nmi": 0.7, "pruned_nmi": 0.95}]
-    got = first_crossings(curve)
-    assert got["nmi>=0.5"] == {"train_s": 5.0, "step": 10} and got["nmi>=0.8"] == {"train_s": 5.0, "step": 10}
-    assert got["nmi>=0.9"] is None
-    assert got["pruned_nmi>=0.5"] == {"train_s": 5.0, "step": 10}
-    assert got["pruned_nmi>=0.9"] == {"train_s": 9.0, "step": 20}
+    curve = [{"step": 0, "train_s": 0.0, "test_nmi": 0.1, "valid_nmi": 0.6},
+             {"step": 10, "train_s": 5.0, "test_nmi": 0.85, "test_pruned_nmi": 0.5, "valid_nmi": 0.2},
+             {"step": 20, "train_s": 9.0, "test_nmi": 0.7, "test_pruned_nmi": 0.95, "valid_nmi": 0.95}]
+    got = first_crossings(curve, ["valid", "test"])
+    assert got["test_nmi>=0.5"] == {"train_s": 5.0, "step": 10}
+    assert got["test_nmi>=0.8"] == {"train_s": 5.0, "step": 10}
+    assert got["test_nmi>=0.9"] is None
+    assert got["test_pruned_nmi>=0.5"] == {"train_s": 5.0, "step": 10}
+    assert got["test_pruned_nmi>=0.9"] == {"train_s": 9.0, "step": 20}
+    # the valid columns are tracked on their own
+    assert got["valid_nmi>=0.5"] == {"train_s": 0.0, "step": 0}
+    assert got["valid_nmi>=0.9"] == {"train_s": 9.0, "step": 20}
+    assert got["valid_pruned_nmi>=0.5"] is None
+
+
+def test_score_splits_chooses_the_columns(tiny_data, tmp_path):
+    s = ConvergenceSettings(dataset=str(tiny_data), recipes=["paper"], seeds=[0], budget_minutes=5, max_steps=2,
+                            eval_every_steps=2, width=0.0625, clusters=4, batch_size=32, threads=1,
+                            score_splits=["test"], out_dir=str(tmp_path))
+    d = json.loads(run_convergence(s).read_text())
+    final = d["runs"][0]["final"]
+    assert "test_pruned_nmi" in final and not any(k.startswith("valid_") for k in final)
+    assert final["prune_split"] == "valid"  # pruning still selects on valid
+    with pytest.raises(ValueError, match="--score-splits"):
+        ConvergenceSettings(score_splits=["train"])
 
 
 def test_cli_refuses_bad_flags_with_a_clear_message(tiny_data, tmp_path):
@@ -71,7 +98,8 @@ def test_cli_refuses_bad_flags_with_a_clear_message(tiny_data, tmp_path):
     cases = [(["--seeds", "0,x"], "--seeds takes comma-separated integers"),
              (["--recipes", "paper,quick"], "--recipe"),
              (["--fast-disable", "warmup"], "--fast-disable"),
-             (["--budget-minutes", "0"], "--budget-minutes")]
+             (["--budget-minutes", "0"], "--budget-minutes"),
+             (["--score-splits", "valid,valid"], "--score-splits")]
     for extra, message in cases:
         res = runner.invoke(app, ["bench", "convergence", str(tiny_data), "--out-dir", str(tmp_path), *extra])
         assert res.exit_code == 2, (extra, res.output)

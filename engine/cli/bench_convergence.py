@@ -1,4 +1,5 @@
-"""`cmvae-engine bench convergence [DATASET]`: test NMI against training time and steps, per recipe and seed."""
+"""`cmvae-engine bench convergence [DATASET]`: valid and test NMI against training time and steps, per recipe and
+seed."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def bench_convergence_command(
     seeds: Annotated[str, Opt(help="Comma-separated seeds; every recipe runs every seed, one after another.")]
     = "0,1,2",
     budget_minutes: Annotated[float, Opt(help="Training wall time per run (evaluation excluded).")] = 15.0,
-    eval_every_steps: Annotated[int, Opt(help="Steps between test evaluations.")] = 50,
+    eval_every_steps: Annotated[int, Opt(help="Steps between evaluations.")] = 50,
     prune_every: Annotated[int, Opt(help="Prune at every n-th evaluation (0: only at the end).")] = 1,
     max_steps: Annotated[int | None, Opt(help="Stop a run at this step even with budget left.")] = None,
     width: Annotated[float, Opt(help="Network width multiplier; < 1 is a reduced model.")] = 0.25,
@@ -40,8 +41,10 @@ def bench_convergence_command(
     fast_set: Annotated[str, Opt(help="`fast` settings, key=value,... (docs/recipes.md).")] = "",
     compile: Annotated[bool, Opt(help="torch.compile the training step.")] = False,
     amp: Annotated[bool | None, Opt(help="Autocast the networks (default: on for CUDA, off on CPU).")] = None,
-    diagnostics: Annotated[bool, Opt(help="Also score k-means on test posterior means (uses the class count).")]
-    = False,
+    diagnostics: Annotated[bool, Opt(help="Also score k-means on each scored split's posterior means (uses the "
+                                          "class count).")] = False,
+    score_splits: Annotated[str, Opt(help="Splits scored at every evaluation, each in its own columns (valid_nmi, "
+                                          "test_nmi, ...): choose settings on valid, report test.")] = "valid,test",
     device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
     threads: Annotated[int | None, Opt(help="CPU threads for torch.")] = None,
     data_root: Annotated[str | None, Opt(help="Folder of named data sets (default $CMVAE_DATA_DIR or ./data).")]
@@ -49,8 +52,9 @@ def bench_convergence_command(
     out_dir: Annotated[str, Opt(help="Where the JSON and the plot go.")] = "bench/results",
     tag: Annotated[str, Opt(help="Extra word in the file names.")] = "",
 ) -> None:
-    """Train each (recipe, seed) for a wall-clock budget, scoring the test split (and pruning from K on the
-    validation split) at intervals; writes JSON and a plot of NMI against time and steps."""
+    """Train each (recipe, seed) for a wall-clock budget, scoring the valid and test splits in separate columns
+    (and pruning from K on the validation split) at intervals; writes JSON and a plot of NMI against time and
+    steps."""
     from cmvae_engine.bench.convergence import ConvergenceSettings, run_convergence
     from cmvae_engine.engine.config import FastRecipeConfig, StepConfig
 
@@ -63,6 +67,7 @@ def bench_convergence_command(
             batch_size=batch_size, lr=lr, beta=beta, device=device, threads=threads, data_root=data_root,
             fast=FastRecipeConfig.from_flags(fast_disable, fast_enable, fast_set),
             step=StepConfig(compile=compile, amp=amp), diagnostics=diagnostics, out_dir=out_dir, tag=tag,
+            score_splits=[x.strip() for x in score_splits.split(",") if x.strip()],
         )
         run_convergence(settings, console)
     except (DataError, ValueError, FileNotFoundError) as e:

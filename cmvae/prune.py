@@ -184,12 +184,18 @@ def prune_latents(model: CMVAE, z: torch.Tensor, *, beta: float, labels=None, en
         if labels is not None:
             entry.update(clustering_scores(labels, assigned_h[s]))
         curve.append(entry)
-    return _choose(curve)
+    return choose(curve)
 
 
-def _choose(curve: list[dict]) -> PruneResult:
+def choose(curve: list[dict]) -> PruneResult:
+    """The selection rule on a pruning curve (curve[0]: nothing pruned): the step with the lowest PNE among those
+    with at least 2 clusters whose PNE is strictly below the unpruned one; on equal PNE the earlier (larger) set.
+    When no step qualifies, every cluster is kept (`improved` False). A non-finite PNE never qualifies, and a
+    non-finite unpruned PNE keeps every cluster."""
     baseline = curve[0]["pne"]
-    candidates = [e for e in curve[1:] if e["k"] >= 2 and e["pne"] < baseline]
+    if not math.isfinite(baseline):
+        return PruneResult(list(curve[0]["active"]), curve[0]["k"], False, baseline, curve)
+    candidates = [e for e in curve[1:] if e["k"] >= 2 and math.isfinite(e["pne"]) and e["pne"] < baseline]
     if candidates:
         best = min(candidates, key=lambda e: e["pne"])  # min keeps the first: on equal PNE, the larger set
         return PruneResult(list(best["active"]), best["k"], True, baseline, curve)

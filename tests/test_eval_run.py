@@ -10,14 +10,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from cmvae_engine.cmvae.clustering import assign_clusters, encode_split
 from cmvae_engine.cmvae.config import ModelConfig
 from cmvae_engine.cmvae.data import read_dataset, synth_polydigits
 from cmvae_engine.cmvae.evaluation.classifier import ClassifierSet, DigitClassifier, train_classifier_set
-from cmvae_engine.cmvae.evaluation.clustering import clustering_evaluation
 from cmvae_engine.cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
-from cmvae_engine.cmvae.evaluation.latent_probe import latent_classification, probe_accuracy
-from cmvae_engine.cmvae.metrics import clustering_scores
 from cmvae_engine.engine.cli import app
 from cmvae_engine.engine.cli.classifiers_cmd import write_classifier_folder
 from cmvae_engine.engine.config import DataConfig, OptimConfig, TrainConfig
@@ -57,16 +53,6 @@ def constant_classifier(label: int, n_classes: int = 10) -> DigitClassifier:
     return clf.eval()
 
 
-def test_clustering_matches_a_direct_computation(loaded):
-    model, images, labels = loaded
-    out = clustering_evaluation(model, images, labels, batch_size=40, generator=torch.Generator().manual_seed(5))
-    lat = encode_split(model, images, batch_size=40, generator=torch.Generator().manual_seed(5))
-    per_mod, vote = assign_clusters(lat.resp)
-    assert out["vote"] == clustering_scores(labels, vote.numpy())
-    assert out["per_modality"]["m2"] == clustering_scores(labels, per_mod[2].numpy())
-    assert out["active_clusters"] == 6
-
-
 def test_coherence_counts_each_target_with_its_own_classifier(loaded):
     model, images, labels = loaded
     per_target = ClassifierSet([constant_classifier(t) for t in range(3)], "trained", None)
@@ -80,23 +66,6 @@ def test_coherence_counts_each_target_with_its_own_classifier(loaded):
     same = ClassifierSet([constant_classifier(4) for _ in range(3)], "trained", None)
     unc = unconditional_coherence(model, same, 50, batch_size=16)
     assert unc["coherence"] == 1.0 and unc["agreed_label_counts"][4] == 50 and sum(unc["agreed_label_counts"]) == 50
-
-
-def test_latent_probe_separates_shared_from_private():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 10, 1200)
-    shared = np.eye(10)[y] * 2.0 + rng.normal(0, 0.5, (1200, 10))
-    private = rng.normal(0, 1, (1200, 6))
-    assert probe_accuracy(shared[:800], y[:800], shared[800:], y[800:]) > 0.9
-    assert probe_accuracy(private[:800], y[:800], private[800:], y[800:]) < 0.25
-
-
-def test_latent_classification_on_a_run(loaded):
-    model, images, labels = loaded
-    out = latent_classification(model, images, labels, images, labels, n_train=60, n_test=40, seed=1)
-    assert set(out["z"]) == {"m0", "m1", "m2", "mean"} and set(out["w"]) == set(out["z"])
-    assert out["n_train"] == 60 and out["n_test"] == 40
-    assert all(0.0 <= v <= 1.0 for v in [*out["z"].values(), *out["w"].values()])
 
 
 def test_eval_refuses_without_classifiers(tiny_run):

@@ -154,13 +154,18 @@ class CMVAE(nn.Module):
         return torch.stack([self.decode_pair(m, z, w[m]) for m in range(self.config.n_modalities)]).clamp(0, 1)
 
     @torch.no_grad()
-    def generate_conditional(self, x: torch.Tensor, source: int,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Encode modality `source` (x [B, C, H, W]), decode every modality with w from the standard prior
-        -> [M, B, C, H, W] in [0, 1]."""
-        z_loc, z_raw, _, _ = self.encoders[source](x)
-        z = rsample(z_loc, scale_from_raw(z_raw, self.config.family), self.config.family, generator=generator)
+    def generate_conditional(self, x: torch.Tensor, source: int, generator: torch.Generator | None = None,
+                             own_w: bool = False) -> torch.Tensor:
+        """Encode modality `source` (x [B, C, H, W]), decode every modality from one draw z ~ q_s(z|x) with w
+        from the standard prior -> [M, B, C, H, W] in [0, 1]. With `own_w` the source modality itself is decoded
+        with its own w ~ q_s(w|x) instead (a self-reconstruction: the diagonal of the reference's self- and
+        cross-modal generation, which coherence and FID use)."""
+        z_loc, z_raw, w_loc, w_raw = self.encoders[source](x)
+        fam = self.config.family
+        z = rsample(z_loc, scale_from_raw(z_raw, fam), fam, generator=generator)
         w = self._sample_w_prior((self.config.n_modalities, x.shape[0]), z, generator)
+        if own_w:
+            w[source] = rsample(w_loc, scale_from_raw(w_raw, fam), fam, generator=generator)
         return torch.stack([self.decode_pair(m, z, w[m]) for m in range(self.config.n_modalities)]).clamp(0, 1)
 
     @torch.no_grad()

@@ -303,7 +303,7 @@ def render_section(result: dict, key: str, console: Console) -> None:
             mat = coh["conditional"]["matrix"]
             t = Table("source \\ target", *[f"m{j}" for j in range(len(mat))],
                       title=f"Conditional coherence (average over source != target: "
-                            f"{coh['conditional']['average']:.3f})", caption=src)
+                            f"{coh['conditional']['average']:.3f}; diagonal: self-reconstructions)", caption=src)
             for i, row in enumerate(mat):
                 t.add_row(f"m{i}", *[_f(v) for v in row])
             console.print(t)

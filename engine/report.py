@@ -396,8 +396,9 @@ def coherence_block(coh: dict, modalities: list[str] | None) -> str:
             f'<td class="num"{" style=color:#5b6576" if i == j else ""}>{fmt(float(v))}</td>'
             for j, v in enumerate(row)) + "</tr>" for i, row in enumerate(mat))
         parts.append(f"<table><tr>{head}</tr>{body}</table><p class=\"explain\">Row: the modality encoded; column: "
-                     "the modality generated from its z. The diagonal (grey) re-generates a modality from itself and "
-                     f"is left out of the average ({fmt(cond.get('average'))}, over source &ne; target).</p>")
+                     "the modality generated from its z. The diagonal (grey) is a self-reconstruction (the source's "
+                     "own w) and is left out of the average "
+                     f"({fmt(cond.get('average'))}, over source &ne; target, as the reference).</p>")
     rest = {k: v for k, v in coh.items() if k not in ("conditional", "classifiers", "weak_classifiers")}
     if cond and not mat:
         rest["conditional"] = cond

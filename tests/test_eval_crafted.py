@@ -147,3 +147,147 @@ def test_latent_probe_of_a_z_independent_of_the_label_is_at_chance():
     out = latent_classification(model.eval(), label_images(y, 2), y, label_images(y, 2), y, n_train=None,
                                 n_test=None)
     assert out["z"]["mean"] == pytest.approx(0.1) and out["w"]["mean"] == pytest.approx(0.1)
+
+
+# ----- conditional generation: the diagonal is a self-reconstruction -------------------------------------------
+class WTellingModel(CMVAE):
+    """Every encoder returns w locations of 100 (its own w is far from the prior's); every decoder draws 0.8
+    where the w it got has mean above 50 (the source's own w), else 0.2 (a prior draw)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        dz, dw = config.z_dim, config.w_dim
+
+        class Enc(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.p = nn.Parameter(torch.zeros(()))
+
+            def forward(self, x):
+                b = x.shape[0]
+                return (torch.zeros(b, dz), torch.zeros(b, dz), torch.full((b, dw), 100.0), torch.zeros(b, dw))
+
+        self.encoders = nn.ModuleList(Enc() for _ in range(config.n_modalities))
+
+    def decode_pair(self, n, z, w):
+        own = (w.mean(-1) > 50).float()
+        return (0.2 + 0.6 * own)[..., None, None, None].expand(*w.shape[:-1], 1, 28, 28)
+
+
+def test_conditional_generation_decodes_the_source_with_its_own_w_only_when_asked():
+    model = WTellingModel(ModelConfig(n_modalities=3, n_clusters=4, z_dim=4, w_dim=6, width=0.0625)).eval()
+    x = torch.rand(5, 1, 28, 28)
+    for source in range(3):
+        gen = model.generate_conditional(x, source, generator=torch.Generator().manual_seed(0), own_w=True)
+        assert gen.shape == (3, 5, 1, 28, 28)
+        for t in range(3):
+            assert torch.allclose(gen[t], torch.full_like(gen[t], 0.8 if t == source else 0.2))
+        plain = model.generate_conditional(x, source, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(plain, torch.full_like(plain, 0.2))
+
+
+# ----- coherence of a crafted generator ----------------------------------------------------------------------
+CORRECT_OF = [[5, 1, 2], [3, 4, 0], [2, 5, 3]]
+"""Of every 5 tuples, how many the pair source -> target draws with the right label: coherence is this / 5."""
+
+
+def indexed_images(labels: np.ndarray, m_count: int) -> torch.Tensor:
+    """label_images, with pixel (0, 1) holding (tuple index % 5) * STEP."""
+    x = label_images(labels, m_count).clone()
+    x[:, :, 0, 0, 1] = torch.as_tensor((np.arange(len(labels)) % 5) * STEP, dtype=torch.uint8)
+    return x
+
+
+class CraftedGenerator(CMVAE):
+    """generate_conditional draws, for target t, an image showing the tuple's label when its index % 5 is below
+    CORRECT_OF[source][t], else label + 1; generate draws sample i's label as i % 10 in every modality except
+    modality 2 for every 4th sample (i + 1). Records the own_w it was called with."""
+
+    calls: list
+
+    def generate_conditional(self, x, source, generator=None, own_w=False):
+        self.calls.append(own_w)
+        y, idx = read_labels(x), (x[:, 0, 0, 1] * 255.0 / STEP).round().long()
+        out = []
+        for t in range(self.config.n_modalities):
+            shown = torch.where(idx < CORRECT_OF[source][t], y, (y + 1) % N_CLASSES)
+            out.append((shown.float() * STEP / 255.0)[:, None, None, None].expand(-1, 1, 28, 28))
+        return torch.stack(out)
+
+    def generate(self, n, cluster=None, generator=None):
+        labels = torch.arange(n) % N_CLASSES
+        per_m = [labels.clone() for _ in range(self.config.n_modalities)]
+        per_m[2][torch.arange(n) % 4 == 0] = (labels[torch.arange(n) % 4 == 0] + 1) % N_CLASSES
+        return torch.stack([(y.float() * STEP / 255.0)[:, None, None, None].expand(-1, 1, 28, 28) for y in per_m])
+
+
+def test_coherence_of_a_crafted_generator_with_classifiers_that_read_the_label():
+    model = CraftedGenerator(ModelConfig(n_modalities=3, n_clusters=4, z_dim=4, w_dim=2, width=0.0625)).eval()
+    model.calls = []
+    clfs = ClassifierSet([PixelClassifier() for _ in range(3)], "trained", None)
+    labels = balanced(50)
+    cond = conditional_coherence(model, clfs, indexed_images(labels, 3), labels, batch_size=20)
+    expected = np.array(CORRECT_OF) / 5.0
+    assert np.allclose(cond["matrix"], expected)
+    off = ~np.eye(3, dtype=bool)
+    assert cond["per_target"] == pytest.approx([expected[:, t][off[:, t]].mean() for t in range(3)])
+    assert cond["average"] == pytest.approx(expected[off].mean())  # (1 + 2 + 3 + 0 + 2 + 5) / 6 / 5
+    assert cond["average"] == pytest.approx(13 / 30)
+    assert cond["average_all"] == pytest.approx(expected.mean()) and cond["n"] == 50
+    assert model.calls and all(model.calls)  # the diagonal is a self-reconstruction
+    # unconditional: every 4th sample disagrees in modality 2
+    unc = unconditional_coherence(model, clfs, 40, batch_size=40)  # one batch: sample i is i
+    assert unc["coherence"] == pytest.approx(30 / 40)
+    counts = [0] * N_CLASSES
+    for i in range(40):
+        if i % 4:
+            counts[i % 10] += 1
+    assert unc["agreed_label_counts"] == counts
+
+
+# ----- conditional FID: the average over all pairs, of the same generation ----------------------------------
+class TwoPixelFeatures(nn.Module):
+    """A stand-in for the Inception network: the values of pixels (0, 0) and (0, 1) as 2 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x[:, 0, 0, :2].float()
+
+
+SHIFT_OF = [[0, 1, 2], [3, 0, 1], [2, 2, 0]]
+"""Pixel values the pair source -> target adds: its FID against real images equal to the source's is 2 * shift^2
+(two features, equal covariances)."""
+
+
+class ShiftingGenerator(CMVAE):
+    calls: list
+
+    def generate_conditional(self, x, source, generator=None, own_w=False):
+        self.calls.append(own_w)
+        return torch.stack([x + SHIFT_OF[source][t] / 255.0 for t in range(self.config.n_modalities)])
+
+    def generate(self, n, cluster=None, generator=None):  # the real images again, batch after batch
+        start, self.drawn = self.drawn, self.drawn + n
+        return self.real[:, start:start + n].float() / 255.0
+
+
+def test_conditional_fid_averages_every_pair_and_mean_cross_the_cross_pairs():
+    from cmvae_engine.cmvae.evaluation.fid import fid_scores
+
+    g = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 200, (1, 64, 1, 28, 28), generator=g, dtype=torch.uint8)
+    real = one.expand(3, -1, -1, -1, -1).contiguous()  # every modality holds the same images
+    model = ShiftingGenerator(ModelConfig(n_modalities=3, n_clusters=4, z_dim=4, w_dim=2, width=0.0625)).eval()
+    model.calls, model.real, model.drawn = [], real, 0
+    out = fid_scores(model, TwoPixelFeatures(), real, n=64, batch_size=16, min_samples=3)
+    expected = 2.0 * np.array(SHIFT_OF, dtype=float) ** 2
+    assert np.allclose(out["conditional"]["matrix"], expected, atol=1e-6)
+    off = ~np.eye(3, dtype=bool)
+    assert out["conditional"]["mean"] == pytest.approx(expected.mean(), abs=1e-6)
+    assert out["conditional"]["mean_cross"] == pytest.approx(expected[off].mean(), abs=1e-6)
+    assert out["conditional"]["m1->m0"] == pytest.approx(18.0, abs=1e-6)
+    assert all(model.calls)  # the same generation as coherence: the diagonal is a self-reconstruction
+    assert out["unconditional"]["mean"] == pytest.approx(0.0, abs=1e-6)

@@ -1,8 +1,11 @@
 """Coherence (DESIGN section 4): do generated modalities show the digit they should?
 
-Conditional: encode modality s of a test tuple, decode every modality t (z ~ q_s(z|x_s), w_t ~ p(w_t)) and
-count how often classifier t returns the tuple's label. Unconditional: c ~ Cat(pi), z ~ p(z|c), w ~ p(w);
-a sample is coherent when all M classifiers return the same label.
+Conditional: encode modality s of a test tuple, draw z ~ q_s(z|x_s) once, decode every modality t and count how
+often classifier t returns the tuple's label. t != s (cross-modal) decodes with w_t ~ p(w_t); t == s decodes with
+the source's own w_s ~ q_s(w|x_s), a self-reconstruction: exactly the reference's self- and cross-modal generation
+(`self_and_cross_modal_generation_forward`), which FID's conditional matrix uses too
+(cmvae/evaluation/fid.py). Unconditional: c ~ Cat(pi), z ~ p(z|c), w ~ p(w); a sample is coherent when all M
+classifiers return the same label.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ def conditional_coherence(
     model: CMVAE, classifiers: ClassifierSet, images: torch.Tensor, labels: np.ndarray, *,
     batch_size: int = 1024, generator: torch.Generator | None = None, progress: ProgressFn | None = None,
 ) -> dict:
-    """images uint8 [M, N, C, H, W], labels [N] -> {'matrix' [source][target], 'per_target', 'average'}.
-    `progress`: (batches x sources done, total).
+    """images uint8 [M, N, C, H, W], labels [N] -> {'matrix' [source][target], 'per_target', 'average',
+    'average_all', 'n'}. `progress`: (batches x sources done, total).
 
-    `average` is the mean over source != target pairs, as the reference (mean over sources per target,
-    then over targets; equal counts make the two the same); the diagonal (a modality re-generated from
-    its own z with a prior w) is reported in the matrix only.
+    `average` is the reference's cross coherence: per target the mean over sources != target, then the mean
+    over targets (every pair has the same count, so this is the mean of the off-diagonal entries); the
+    diagonal (self-reconstructions) is in the matrix only. `average_all` is the mean of every entry, diagonal
+    included: the average that the conditional FID's `mean` takes, for comparing the two.
     """
     device = next(model.parameters()).device
     m_count, n = images.shape[0], images.shape[1]
@@ -37,7 +41,7 @@ def conditional_coherence(
         x = to_float(images[:, start:start + batch_size].to(device))
         yb = y[start:start + batch_size]
         for s in range(m_count):
-            gen = model.generate_conditional(x[s], s, generator=generator)  # [M, B, C, H, W]
+            gen = model.generate_conditional(x[s], s, generator=generator, own_w=True)  # [M, B, C, H, W]
             for t in range(m_count):
                 hits[s, t] += (predict(classifiers.models[t], gen[t]) == yb).sum()
             done += 1
@@ -45,7 +49,8 @@ def conditional_coherence(
     matrix = (hits.double() / n).cpu().numpy()  # sync point
     off = ~np.eye(m_count, dtype=bool)
     per_target = [float(matrix[:, t][off[:, t]].mean()) for t in range(m_count)]
-    return {"matrix": matrix.tolist(), "per_target": per_target, "average": float(np.mean(per_target)), "n": n}
+    return {"matrix": matrix.tolist(), "per_target": per_target, "average": float(np.mean(per_target)),
+            "average_all": float(matrix.mean()), "n": n}
 
 
 @torch.no_grad()

@@ -265,10 +265,13 @@ def fid_scores(
     """Unconditional and conditional FID of a model against real images uint8 [M, N, C, H, W].
 
     Real: the first min(n, N) tuples of each modality. Unconditional: n prior samples per modality.
-    Conditional: every source -> target pair, conditioned on those same real tuples. Returns
-    {'unconditional': {'m0': .., 'mean': ..}, 'conditional': {'m0->m1': .., 'mean': .., 'mean_cross': ..,
-    'matrix': [[..]]}, 'n_real', 'n_unconditional', 'n_conditional', 'seconds'}. 'mean' over all pairs is the
-    reference's average (per target over all sources, then over targets); 'mean_cross' leaves out s == t.
+    Conditional: every source -> target pair, conditioned on those same real tuples, generated as conditional
+    coherence generates them (one z ~ q_s(z|x_s); w_t from the prior for t != s, the source's own w for t == s:
+    a self-reconstruction, as the reference's FID samples). Returns {'unconditional': {'m0': .., 'mean': ..},
+    'conditional': {'m0->m1': .., 'mean': .., 'mean_cross': .., 'matrix': [[..]]}, 'n_real', 'n_unconditional',
+    'n_conditional', 'seconds'}. 'mean' is the reference's conditional FID: per target the mean over every
+    source, self-reconstruction included, then the mean over targets (= the mean of all entries);
+    'mean_cross' leaves out s == t, the average that conditional coherence's 'average' takes.
     """
     m_count, n_real = real.shape[0], min(n, real.shape[1])
     check_sample_count(n_real, "real images", min_samples)
@@ -293,7 +296,7 @@ def fid_scores(
         feats = [[] for _ in range(m_count)]
         for start in range(0, n_real, batch_size):
             x = real[s, start:start + batch_size].to(model_device(model)).float().div_(255.0)
-            gen = quantize(model.generate_conditional(x, s, generator=generator))
+            gen = quantize(model.generate_conditional(x, s, generator=generator, own_w=True))
             for t in range(m_count):
                 feats[t].append(inception_features(net, gen[t], batch_size))
         for t in range(m_count):

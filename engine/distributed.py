@@ -92,15 +92,50 @@ def all_min(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_FINGERPRINT_SEED = 0x5EED
+
+
+def fingerprints(module: nn.Module) -> tuple[list[str], torch.Tensor]:
+    """(names, one int64 fingerprint per parameter and buffer [T]) on the module's device.
+
+    A fingerprint hashes a tensor's exact bits: sum_i bits_i * r_i over the elements (wrapping int64
+    arithmetic), with r fixed pseudo-random weights that are the same on every rank. Any change of any element
+    (one ulp, two values swapped, changes that cancel in a plain sum) changes it, but for a 2^-64 chance."""
+    named = [(n, t) for n, t in module.named_parameters()] + [(n, t) for n, t in module.named_buffers()]
+    g = torch.Generator(device="cpu").manual_seed(_FINGERPRINT_SEED)
+    prints = []
+    for _, t in named:
+        flat = t.detach().contiguous().reshape(-1)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.dtype != torch.bool else flat.to(torch.int8)
+        weights = torch.randint(-2 ** 62, 2 ** 62, (flat.numel(),), generator=g).to(flat.device)
+        prints.append((bits.to(torch.int64) * weights).sum())
+    names = [n.removeprefix("module.") for n, _ in named]
+    device = named[0][1].device if named else torch.device("cpu")
+    return names, torch.stack(prints) if prints else torch.zeros(0, dtype=torch.int64, device=device)
+
+
 def check_replicas(module: nn.Module, step: int) -> None:
-    """Raise if the ranks' parameters differ (a broken gradient synchronisation); a collective."""
+    """Raise if any parameter or buffer differs between the ranks (a broken gradient synchronisation), naming
+    the first that differs and the ranks that disagree with rank 0; a collective.
+
+    Every tensor is compared exactly, through its fingerprint (`fingerprints`): all ranks' fingerprints are
+    gathered, one int64 per tensor."""
     if not dist.is_initialized():
         return
-    total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
-    lo, hi = all_min(total), -all_min(-total)
-    if lo.item() != hi.item():  # sync point
-        raise RuntimeError(f"data-parallel replicas hold different parameters at step {step} (checksums "
-                           f"{lo.item()!r} .. {hi.item()!r}): the gradient synchronisation is broken")
+    names, mine = fingerprints(module)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    table = torch.stack(gathered).cpu()  # sync point: [ranks, tensors]
+    differs = (table != table[0]).any(0)
+    if bool(differs.any()):
+        first = int(differs.nonzero()[0])
+        ranks = [r for r in range(table.shape[0]) if table[r, first] != table[0, first]]
+        count = int(differs.sum())
+        raise RuntimeError(f"data-parallel replicas hold different parameters at step {step}: {names[first]!r} "
+                           f"differs between rank 0 and rank(s) {ranks}"
+                           + (f" ({count - 1} more tensor(s) differ)" if count > 1 else "")
+                           + ": the gradient synchronisation is broken")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

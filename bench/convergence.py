@@ -255,7 +255,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int, device: torch.device,
-            console: Console) -> dict:
+            console: Console, on_progress=None) -> dict:
+    """One (recipe, seed). `on_progress(partial)` gets the run so far (with "complete": False) after every
+    evaluation, so that a run stopped from outside keeps its curve."""
     cfg = train_config(s, recipe_name, seed, splits.train.shape[0])
     load_start = loadavg()
     torch.manual_seed(seed)
@@ -301,6 +303,11 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
             if checks else ""
         console.print(f"  {recipe_name} seed {seed} step {step} ({train_s:.0f}s, eval {took:.0f}s): "
                       f"{'; '.join(parts)}{pruned}{check}")
+        if on_progress is not None and not final:
+            on_progress({"recipe": recipe_name, "seed": seed, "complete": False, "steps": step,
+                         "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "curve": curve,
+                         "recipe_log": recipe.state_dict(), "loadavg_start": load_start, "loadavg_now": loadavg(),
+                         "config": cfg.to_dict()})
 
     record(final=False)
     t0 = time.perf_counter()
@@ -330,7 +337,7 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
         console.print(f"[red]{recipe_name} seed {seed}: the training loss went non-finite[/]")
     final = curve[-1]
     return {
-        "recipe": recipe_name, "seed": seed, "active_elements": recipe.active_elements(),
+        "recipe": recipe_name, "seed": seed, "complete": True, "active_elements": recipe.active_elements(),
         "steps": step, "epochs_completed": epoch, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
         "steps_per_s": round(step / max(train_s, 1e-9), 4),
         "first_reached": first_crossings(curve, list(splits.scored)),
@@ -376,9 +383,13 @@ def run_convergence(s: ConvergenceSettings, console: Console | None = None) -> P
     console.print(f"[bold]bench convergence[/] {splits.name} on {header['device']}, width {s.width:g}, K "
                   f"{s.clusters}, {s.budget_minutes:g} min per run, recipes {s.recipes}, seeds {s.seeds} -> {out}")
     runs = []
+
+    def partial(run: dict) -> None:  # the finished runs and the one under way (complete: False)
+        atomic_write_json(out, {**header, "finished": None, "summary": summarise(runs), "runs": [*runs, run]})
+
     for recipe in s.recipes:
         for seed in s.seeds:
-            runs.append(run_one(s, splits, recipe, seed, device, console))
+            runs.append(run_one(s, splits, recipe, seed, device, console, on_progress=partial))
             atomic_write_json(out, {**header, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     "summary": summarise(runs), "runs": runs})
             plot(runs, out.with_suffix(".png"), title=f"{splits.name}, {header['device']}, width {s.width:g}",

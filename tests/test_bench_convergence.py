@@ -107,3 +107,26 @@ def test_cli_refuses_bad_flags_with_a_clear_message(tiny_data, tmp_path):
     res = runner.invoke(app, ["bench", "convergence", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
     assert res.exit_code == 2 and "no such folder" in res.output
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_every_evaluation_rewrites_the_json_with_the_run_under_way(tiny_data, tmp_path, monkeypatch):
+    from cmvae_engine.bench import convergence
+
+    seen = []
+    real_write = convergence.atomic_write_json
+
+    def spy(path, obj):
+        seen.append(json.loads(json.dumps(obj)))
+        real_write(path, obj)
+
+    monkeypatch.setattr(convergence, "atomic_write_json", spy)
+    s = ConvergenceSettings(dataset=str(tiny_data), recipes=["paper"], seeds=[0], budget_minutes=5, max_steps=4,
+                            eval_every_steps=2, width=0.0625, clusters=4, batch_size=32, threads=1,
+                            out_dir=str(tmp_path))
+    run_convergence(s)
+    # evaluations at steps 0 and 2 write the run so far; the end writes the complete run
+    partial = [d["runs"][-1] for d in seen if d["finished"] is None]
+    assert [[row["step"] for row in r["curve"]] for r in partial] == [[0], [0, 2]]
+    assert all(r["complete"] is False for r in partial)
+    assert seen[-1]["finished"] and seen[-1]["runs"][0]["complete"] is True
+    assert [row["step"] for row in seen[-1]["runs"][0]["curve"]] == [0, 2, 4]

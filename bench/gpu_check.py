@@ -349,6 +349,9 @@ def read_junit(path: Path) -> dict:
                 failed.append(f"{name}: {message}")
         for el in case.findall("skipped"):
             reason = (el.get("message") or "").removeprefix("Skipped: ")
+            if reason in ("", "collection skipped"):  # a module-level skip: the reason is in the text,
+                text = (el.text or reason).strip()      # "('path', line, 'Skipped: why')"
+                reason = text.split("Skipped: ", 1)[1].rstrip("')\"") if "Skipped: " in text else text
             if reason not in reasons:
                 reasons.append(reason)
     return {**counts, "failed": failed[:30], "skip_reasons": reasons[:10]}

@@ -1,0 +1,152 @@
+"""The GPU acceptance run (bench/gpu_check.py, tools/gpu_check.sh): its CPU dry run end to end, every stage with
+tiny shapes, so that the script cannot rot between GPU loans; and the parts that read results, cut stages at
+their time limits and keep going past a failure."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cmvae_engine.bench import gpu_check as gc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dry_run_runs_every_stage_and_writes_at_most_eight_files(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    res = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--work", str(work)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=900)
+    shown = res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == 0, shown
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert len(files) <= gc.MAX_FILES, files
+    (summary_path,) = out.glob("gpu-check-*.json")
+    s = json.loads(summary_path.read_text())
+    assert s["dry_run"] is True and s["files"] == files and s["file_count"] == len(files)
+    status = {st["name"]: st["status"] for st in s["stages"]}
+    assert list(status) == list(gc.STAGE_NAMES)
+    # no CUDA here: the CUDA tests are collected and skipped with the module's reason; the rest runs
+    assert status["cuda-tests"] == "skipped", s["stages"][1]
+    assert {status[k] for k in ("install", "kernels", "train", "profile")} == {"ok"}, shown
+    assert status["convergence"] in ("ok", "warn")  # whether 2 tiny steps recover 2 clusters is not the point
+    by = {st["name"]: st for st in s["stages"]}
+    assert any("needs a CUDA device" in r for r in by["cuda-tests"]["values"]["skip_reasons"])
+    # each stage's files, named as bench/results/ names them
+    patterns = {"kernels": "kernels-*.json", "train": "train-*-w0.0625-*.json", "convergence": "convergence-*.json"}
+    for stage, pattern in patterns.items():
+        assert any(Path(f).match(pattern) for f in by[stage]["files"]), (stage, by[stage]["files"])
+    assert sorted(Path(f).name for f in by["profile"]["files"]) == ["phases.png", "report.md"]
+    report = next(f for f in by["profile"]["files"] if f.endswith("report.md"))
+    assert Path(report).parent.name.startswith("profile-") and "## Throughput" in (out / report).read_text()
+    # the figures were read from those files
+    assert by["train"]["values"]["paper_minutes"] > 0 and by["profile"]["values"]["step_ms"] > 0
+    assert by["kernels"]["values"]["x_eager"] > 0 and by["kernels"]["values"]["best_fused"] == "ext"
+    assert [t["met"] for t in s["targets"]] == [None] * 5  # the dry run judges nothing
+    assert s["environment"]["torch"] and s["device"].endswith("cores)")
+    # the one-screen summary
+    for word in ("stage", "status", "key figure", "targets", *gc.STAGE_NAMES):
+        assert word in res.stdout, word
+
+
+def test_list_names_every_stage_with_its_limit():
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--list"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0
+    lines = res.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines] == list(gc.STAGE_NAMES)
+    assert all("(<= 6 min)" in ln for ln in lines)
+
+
+def test_stage_selection_keeps_the_stages_order_and_refuses_unknown_names():
+    assert gc.parse_stages(["train,kernels"]) == ["kernels", "train"]
+    assert gc.parse_stages(["profile", "install"]) == ["install", "profile"]
+    assert gc.parse_stages(None) == list(gc.STAGE_NAMES)
+    with pytest.raises(SystemExit, match="unknown stage bench"):
+        gc.parse_stages(["kernels,bench"])
+
+
+def test_every_stage_is_bounded_to_six_minutes():
+    plan = gc.Plan(dry=False, work=Path("/w"), out=Path("/o"))
+    assert plan.stage_limit_s <= 360 and gc.DRY_STAGE_LIMIT_S <= 360
+    assert "--training" in plan.kernels_command() and "--device" in plan.kernels_command()
+    assert plan.train_command()[:3] == ["bench", "train", "polydigits"] and "1.0" in plan.train_command()
+    conv = plan.convergence_command()
+    assert conv[conv.index("--stop-at-k") + 1] == "10" and conv[conv.index("--width") + 1] == "1.0"
+    assert "--cuda-graphs" in plan.profile_command() and "--cuda-graphs" not in plan.profile_command(False)
+
+
+def test_a_command_past_its_limit_is_killed(tmp_path):
+    t0 = time.monotonic()
+    ran = gc.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                         env=dict(os.environ), timeout_s=2, log=tmp_path / "x.log")
+    assert ran.rc is None and not ran.ok and time.monotonic() - t0 < 30
+    assert "started" in ran.output and "killed at its time limit" in (tmp_path / "x.log").read_text()
+
+
+def _ctx(tmp_path, deadline=None) -> gc.Context:
+    return gc.Context(gc.Plan(dry=True, work=tmp_path, out=tmp_path / "out"), sys.executable, dict(os.environ),
+                      deadline, tmp_path / "logs")
+
+
+def test_a_failed_stage_is_recorded_and_the_deadline_stops_new_ones(tmp_path):
+    def failing(ctx, res, end):
+        gc._run_step(ctx, res, [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], end, "the step")
+
+    res = gc.run_stage(_ctx(tmp_path), gc.Stage("bad", "fails", failing))
+    assert res.status == "failed" and "exit 3" in res.figure and "boom" in res.figure and "boom" in res.log_tail
+    late = gc.run_stage(_ctx(tmp_path, deadline=time.monotonic() + 5), gc.Stage("late", "never", failing))
+    assert late.status == "not run" and "deadline" in late.figure
+
+    def broken_reader(ctx, res, end):
+        raise KeyError("median_ms")
+
+    res = gc.run_stage(_ctx(tmp_path), gc.Stage("reader", "reads", broken_reader))
+    assert res.status == "failed" and "KeyError" in res.figure
+
+
+def _row(backend, shape, ms, gbps=None, peak=100.0, mode="fwd+bwd", skipped=None):
+    return {"op": "mixture_logpdf", "backend": backend, "mode": mode, "shape": shape, "median_ms": ms,
+            "gbps": gbps, "peak_gbps": peak, "skipped": skipped}
+
+
+def test_kernel_figures_take_the_best_fused_backend():
+    speed, roof = {"N": 65536, "K": 40, "D": 32}, {"N": 1_000_000, "K": 40, "D": 32}
+    rows = [_row("eager", speed, 10.0), _row("compile", speed, 3.0), _row("triton", speed, 1.25),
+            _row("ext", speed, 2.0), _row("triton", speed, 0.1, mode="fwd"),
+            _row("triton", roof, 5.0, gbps=40.0), _row("ext", roof, 4.0, gbps=60.0),
+            _row("eager", roof, None, skipped="does not fit")]
+    f = gc.kernel_figures(rows, speed, roof)
+    assert f["best_fused"] == "triton" and f["x_eager"] == pytest.approx(8.0) and f["x_compile"] == pytest.approx(2.4)
+    assert f["roofline_backend"] == "ext" and f["roofline_fraction"] == pytest.approx(0.6)
+    none = gc.kernel_figures([_row("eager", speed, 10.0), _row("triton", speed, None, skipped="no triton")], speed,
+                             roof)
+    assert none["best_fused"] is None and none["x_eager"] is None and none["roofline_fraction"] is None
+
+
+def test_targets_are_judged_only_on_the_gpu():
+    res = {"train": gc.StageResult("train", values={"paper_minutes": 12.0}),
+           "kernels": gc.StageResult("kernels", values={"x_eager": 4.0, "x_compile": 1.6, "roofline_fraction": 0.7}),
+           "convergence": gc.StageResult("convergence", values={"reached_s": None})}
+    met = [t["met"] for t in gc.targets(res, dry=False)]
+    assert met == [True, False, True, True, None]
+    assert [t["met"] for t in gc.targets(res, dry=True)] == [None] * 5
+
+
+def test_junit_counts_failures_and_skip_reasons(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" skipped="2">'
+        '<testcase classname="tests.test_cuda" name="test_a"/>'
+        '<testcase classname="tests.test_cuda" name="test_b"><failure message="AssertionError: off by 1&#10;more"/>'
+        '</testcase><testcase classname="tests.test_cuda" name="test_c"><skipped message="ext on CUDA: not built"/>'
+        '</testcase><testcase classname="tests.test_cuda" name="test_d"><skipped message="ext on CUDA: not built"/>'
+        '</testcase></testsuite></testsuites>')
+    got = gc.read_junit(xml)
+    assert (got["tests"], got["failures"], got["errors"], got["skipped"]) == (4, 1, 0, 2)
+    assert got["failed"] == ["tests.test_cuda::test_b: AssertionError: off by 1"]
+    assert got["skip_reasons"] == ["ext on CUDA: not built"]

@@ -150,3 +150,33 @@ def test_junit_counts_failures_and_skip_reasons(tmp_path):
     assert (got["tests"], got["failures"], got["errors"], got["skipped"]) == (4, 1, 0, 2)
     assert got["failed"] == ["tests.test_cuda::test_b: AssertionError: off by 1"]
     assert got["skip_reasons"] == ["ext on CUDA: not built"]
+
+
+def test_the_run_goes_on_past_failed_stages(tmp_path, monkeypatch, capsys):
+    """An install whose extension build fails still leaves the package importable: the later stages run; a
+    stage cut at its limit is a timeout; the exit status says something failed."""
+    ran = []
+
+    def install(ctx, res, end):
+        ctx.importable = True
+        raise RuntimeError("no CMake >= 4")
+
+    def kernels(ctx, res, end):
+        ran.append("kernels")
+        res.figure = "measured"
+
+    def train(ctx, res, end):
+        raise gc.StageFailed("bench train", gc.Ran(None, 1.0, "step 1\n"))
+
+    monkeypatch.setattr(gc, "STAGES", (gc.Stage("install", "i", install), gc.Stage("kernels", "k", kernels),
+                                       gc.Stage("train", "t", train)))
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "data" / "pd-tiny").mkdir(parents=True)  # the dry run's data, so that none is made
+    rc = gc.main(["--dry-run", "--stage", "train,install,kernels", "--out", str(out), "--work", str(work)])
+    assert rc == 1 and ran == ["kernels"]
+    (path,) = out.glob("gpu-check-*.json")
+    s = json.loads(path.read_text())
+    assert [(st["name"], st["status"]) for st in s["stages"]] == [("install", "failed"), ("kernels", "ok"),
+                                                                   ("train", "timeout")]
+    assert "no CMake" in s["stages"][0]["figure"] and "killed at the time limit" in s["stages"][2]["figure"]
+    assert s["files"] == [path.name] and "targets" in capsys.readouterr().out

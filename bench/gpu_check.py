@@ -156,6 +156,8 @@ class Context:
     probe: dict = field(default_factory=dict)
     importable: bool = False
     """cmvae_engine imports from this checkout in the stages' environment."""
+    setup_error: str | None = None
+    """Why no stage after `install` can run (the package cannot be imported, or the dry run has no data)."""
 
     def remaining(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -190,6 +192,9 @@ def run_command(cmd: list[str], *, env: dict[str, str], timeout_s: float, log: P
         except subprocess.TimeoutExpired:
             rc = None
             _kill_group(proc)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child's group runs in its own session
+            _kill_group(proc)
+            raise
     with open(log) as f:
         f.seek(start)
         output = f.read()
@@ -199,6 +204,10 @@ def run_command(cmd: list[str], *, env: dict[str, str], timeout_s: float, log: P
         with open(log, "a") as f:
             f.write(note)
     return Ran(rc, time.monotonic() - t0, output)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -320,17 +329,19 @@ def ensure_importable(ctx: Context, res: StageResult | None, end: float, install
 def stage_cuda_tests(ctx: Context, res: StageResult, end: float) -> None:
     junit = ctx.plan.work / "cuda-tests.xml"
     junit.unlink(missing_ok=True)
-    ran = _run_step(ctx, res, [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rfEs",
-                               "-p", "no:cacheprovider", f"--junitxml={junit}"], end, "pytest", check=False)
-    counts = read_junit(junit) if junit.is_file() else None
+    # -v: one line per test in the log, which is read when pytest is cut at the limit before its report
+    ran = _run_step(ctx, res, [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "-rfEs",
+                               "--durations=15", "-p", "no:cacheprovider", f"--junitxml={junit}"], end, "pytest",
+                    check=False)
+    counts = read_junit(junit) if junit.is_file() else count_verbose(ran.output)
     if counts is None:
         raise StageFailed("pytest wrote no report", ran)
     res.values.update(counts)
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     res.figure = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
     if ran.rc is None:
-        raise StageFailed("pytest ran past the stage's time limit", ran)
-    if counts["failures"] or counts["errors"] or ran.rc not in (0, 5):
+        res.status, res.figure = "timeout", f"cut at the time limit after {res.figure}"
+    elif counts["failures"] or counts["errors"] or ran.rc not in (0, 5):
         res.status = "failed"
     elif counts["tests"] and counts["skipped"] == counts["tests"]:
         res.status = "skipped"
@@ -359,6 +370,20 @@ def read_junit(path: Path) -> dict:
             if reason not in reasons:
                 reasons.append(reason)
     return {**counts, "failed": failed[:30], "skip_reasons": reasons[:10]}
+
+
+_VERBOSE_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", re.M)
+
+
+def count_verbose(output: str) -> dict | None:
+    """The counts of a `pytest -v` run from its per-test lines (a run cut before it wrote its report)."""
+    hits = _VERBOSE_LINE.findall(output)
+    if not hits:
+        return None
+    outcome = [o for _, o in hits]
+    return {"tests": len(hits), "failures": outcome.count("FAILED"), "errors": outcome.count("ERROR"),
+            "skipped": outcome.count("SKIPPED"), "failed": [n for n, o in hits if o in ("FAILED", "ERROR")][:30],
+            "skip_reasons": [], "partial": True}
 
 
 def stage_kernels(ctx: Context, res: StageResult, end: float) -> None:
@@ -727,13 +752,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {ctx.probe.get('torch')}, CUDA {ctx.probe.get('cuda')}); for the CPU rehearsal pass --dry-run",
               file=sys.stderr)
         return 2
-    setup_failed = None
     if "install" not in names:
         try:
             ensure_importable(ctx, None, time.monotonic() + 60, install=False)
             ctx.importable = True
         except RuntimeError as e:
-            setup_failed = str(e)
+            ctx.setup_error = str(e)
     summary_path = out / f"gpu-check-{_slug(ctx.probe.get('device', 'unknown'))}-{_stamp()}.json"
     results: dict[str, StageResult] = {}
 
@@ -744,20 +768,38 @@ def main(argv: list[str] | None = None) -> int:
                     timespec="seconds"), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                 "stages_requested": names, "stages": [vars(r) for r in results.values()],
                 "targets": targets(results, plan.dry), "out": str(out), "logs": str(ctx.log_dir),
-                "files": written, "file_count": len(written), "setup_error": setup_failed,
+                "files": written, "file_count": len(written), "setup_error": ctx.setup_error,
                 "seconds": time.monotonic() - started}
 
+    old_handler = signal.signal(signal.SIGTERM, _interrupt)  # a stopped run kills its running stage ...
+    try:
+        _run_stages(ctx, names, results, lambda: write_json(summary_path, summary()))
+    except KeyboardInterrupt:  # ... and keeps the summary of the finished ones
+        print("gpu check: interrupted; the summary keeps the finished stages", file=sys.stderr)
+        write_json(summary_path, summary())
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    final = summary()
+    write_json(summary_path, final)
+    print_summary(final, list(results.values()))
+    if final["file_count"] > MAX_FILES:
+        print(f"gpu check: {final['file_count']} files written, more than the {MAX_FILES} a lent machine sends back",
+              file=sys.stderr)
+    return 0 if all(r.status in ("ok", "warn", "skipped") for r in results.values()) else 1
+
+
+def _run_stages(ctx: Context, names: list[str], results: dict[str, StageResult], save: Callable[[], None]) -> None:
+    plan = ctx.plan
     for stage in STAGES:
         if stage.name not in names:
             continue
-        if setup_failed and stage.name != "install":
-            results[stage.name] = StageResult(stage.name, "failed", f"setup: {setup_failed}")
+        if plan.dry and stage.name != "install" and not ctx.setup_error and not Path(plan.dataset).is_dir():
+            ctx.setup_error = _make_tiny_data(ctx)
+        if ctx.setup_error and stage.name != "install":
+            results[stage.name] = StageResult(stage.name, "failed", f"setup: {ctx.setup_error}")
+            save()
             continue
-        if plan.dry and stage.name != "install" and not Path(plan.dataset).is_dir():
-            setup_failed = _make_tiny_data(ctx)
-            if setup_failed:
-                results[stage.name] = StageResult(stage.name, "failed", f"setup: {setup_failed}")
-                continue
         print(f"[{stage.name}] {stage.what}", flush=True)
         res = results[stage.name] = run_stage(ctx, stage)
         print(f"[{stage.name}] {res.status} in {res.seconds:.0f} s: {res.figure}", flush=True)
@@ -766,15 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         if stage.name == "install" and not ctx.importable:
             # only a package that cannot be imported stops the rest: without the extension's CUDA half the
             # other stages still run (on triton and torch; its tests report the skip)
-            setup_failed = "the install stage could not make cmvae_engine importable"
-        write_json(summary_path, summary())
-    final = summary()
-    write_json(summary_path, final)
-    print_summary(final, list(results.values()))
-    if final["file_count"] > MAX_FILES:
-        print(f"gpu check: {final['file_count']} files written, more than the {MAX_FILES} a lent machine sends back",
-              file=sys.stderr)
-    return 0 if all(r.status in ("ok", "warn", "skipped") for r in results.values()) else 1
+            ctx.setup_error = "the install stage could not make cmvae_engine importable"
+        save()
 
 
 def _make_tiny_data(ctx: Context) -> str | None:

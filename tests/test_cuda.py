@@ -59,6 +59,16 @@ FUSED = [_param(b) for b in ("triton", "ext")]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 means fp32 here: cuDNN's convolutions default to TF32 (10 mantissa bits), and cudnn.benchmark may
+    pick other algorithms in each run, which would bury the fp32 comparisons below in rounding noise."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.fixture
 def restore_backend():
     old = kernels.get_backend()
@@ -279,11 +289,12 @@ def test_bf16_autocast_keeps_the_curve(polydigits, tmp_path):
 
 def test_cuda_graphs_keep_the_curve(polydigits, tmp_path):
     """Compiled, with and without CUDA graph replay, against eager; fp32 and the same random numbers
-    (fallback_random). Graphs replay the same kernels: within 1e-6 relative of the compiled run; compiled
-    against eager within 2e-4 (fused kernels reorder sums)."""
+    (fallback_random). Graphs replay the same kernels: within 1e-5 relative of the compiled run (cudnn.benchmark
+    may choose other convolution algorithms per run); compiled against eager within 2e-4 (fused kernels reorder
+    sums)."""
     eager = curve(polydigits, tmp_path / "eager", amp=False)
     with torch._inductor.config.patch(fallback_random=True):
         compiled = curve(polydigits, tmp_path / "compiled", amp=False, compile=True)
         graphs = curve(polydigits, tmp_path / "graphs", amp=False, compile=True, cuda_graphs=True)
-    assert graphs == pytest.approx(compiled, rel=1e-6)
+    assert graphs == pytest.approx(compiled, rel=1e-5)
     assert compiled == pytest.approx(eager, rel=2e-4)

@@ -180,3 +180,14 @@ def test_the_run_goes_on_past_failed_stages(tmp_path, monkeypatch, capsys):
                                                                    ("train", "timeout")]
     assert "no CMake" in s["stages"][0]["figure"] and "killed at the time limit" in s["stages"][2]["figure"]
     assert s["files"] == [path.name] and "targets" in capsys.readouterr().out
+
+
+def test_a_pytest_run_cut_short_is_counted_from_its_lines():
+    out = ("tests/test_cuda.py::test_a[triton] PASSED   [  1%]\n"
+           "tests/test_cuda.py::test_a[ext] FAILED      [  2%]\n"
+           "tests/test_cuda.py::test_b SKIPPED (ext on CUDA: not built) [  3%]\n"
+           "tests/test_cuda.py::test_c PASSED [  4%]\n[killed at its time limit of 360 s]\n")
+    got = gc.count_verbose(out)
+    assert (got["tests"], got["failures"], got["skipped"], got["partial"]) == (4, 1, 1, True)
+    assert got["failed"] == ["tests/test_cuda.py::test_a[ext]"]
+    assert gc.count_verbose("collected 0 items\n") is None

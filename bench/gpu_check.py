@@ -140,8 +140,10 @@ class Plan:
             return [*common, "--width", "0.0625", "-k", "4", "--batch-size", "16", "--max-steps", "2",
                     "--eval-every-steps", "2", "--budget-minutes", "1", "--threads", "1",
                     "--fast-set", "contrast_steps=2,probe_size=16,min_steps=0,check_every=2"]
-        return [*common, "--width", "1.0", "--data-root", str(self.data_root), "--budget-minutes", "4",
-                "--eval-every-steps", "25"]
+        # 2 minutes of training judge a 1-minute goal; the evaluations (each with a pruning, not counted as
+        # training time) every 50 steps must fit in the stage's limit beside them
+        return [*common, "--width", "1.0", "--data-root", str(self.data_root), "--budget-minutes", "2",
+                "--eval-every-steps", "50"]
 
 
 # ----- running commands ------------------------------------------------------------------------------------
@@ -273,8 +275,15 @@ def stage_install(ctx: Context, res: StageResult, end: float) -> None:
     res.values["package"] = how
     wheels = _carried_wheels()
     if wheels:
-        _run_step(ctx, res, [ctx.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                             *map(str, wheels)], end, "installing the carried wheels")
+        # into a folder of their own (on PYTHONPATH, its bin/ on PATH): the machine's Python stays untouched
+        site = ctx.plan.work / "site"
+        _run_step(ctx, res, [ctx.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--upgrade",
+                             "--target", str(site), *map(str, wheels)], end, "installing the carried wheels")
+        ctx.env["PYTHONPATH"] = os.pathsep.join([*filter(None, [ctx.env.get("PYTHONPATH")]), str(site)])
+        ctx.env["PATH"] = os.pathsep.join([str(site / "bin"), ctx.env.get("PATH", "")])
+        for tool in ("cmake", "ninja"):  # the build takes these over the ones next to the interpreter
+            if (site / "bin" / tool).is_file():
+                ctx.env[f"CMVAE_{tool.upper()}"] = str(site / "bin" / tool)
     build = [ctx.python, "tools/build_extension.py", "--strict"]
     if not ctx.plan.dry:
         build += ["--cuda", "on", "--cuda-arch", ctx.probe.get("cuda_arch") or "90"]

@@ -191,3 +191,17 @@ def test_a_pytest_run_cut_short_is_counted_from_its_lines():
     assert (got["tests"], got["failures"], got["skipped"], got["partial"]) == (4, 1, 1, True)
     assert got["failed"] == ["tests/test_cuda.py::test_a[ext]"]
     assert gc.count_verbose("collected 0 items\n") is None
+
+
+def test_the_build_takes_the_cmake_it_is_pointed_at(tmp_path, monkeypatch):
+    """A carried cmake wheel (CMake >= 4 for the C++20 CUDA dialect) wins over the machine's older one."""
+    from cmvae_engine.kernels import extension_build
+
+    fake = tmp_path / "bin" / "cmake"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'cmake version 4.1.0'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CMVAE_CMAKE", str(fake))
+    assert extension_build._tool("cmake") == str(fake)
+    monkeypatch.delenv("CMVAE_CMAKE")
+    assert extension_build._tool("cmake") != str(fake)

@@ -174,6 +174,8 @@ class Ran:
     """None: killed at its time limit."""
     seconds: float
     output: str
+    cpu_s: float = 0.0
+    """CPU time (user + system) of the command's processes that were waited for."""
 
     @property
     def ok(self) -> bool:
@@ -183,7 +185,7 @@ class Ran:
 def run_command(cmd: list[str], *, env: dict[str, str], timeout_s: float, log: Path) -> Ran:
     """Run cmd in its own process group with output to `log` (appended); kill the group at the time limit."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _children_cpu()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
@@ -205,7 +207,16 @@ def run_command(cmd: list[str], *, env: dict[str, str], timeout_s: float, log: P
         output += "\n" + note
         with open(log, "a") as f:
             f.write(note)
-    return Ran(rc, time.monotonic() - t0, output)
+    return Ran(rc, time.monotonic() - t0, output, _children_cpu() - cpu0)
+
+
+def _children_cpu() -> float:
+    try:
+        import resource
+    except ImportError:  # not on Unix: not measured
+        return 0.0
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
 
 
 def _interrupt(signum, frame) -> None:
@@ -234,6 +245,8 @@ class StageResult:
     figure: str = ""
     """One line: the stage's key figure."""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """CPU time of the stage's commands (user + system)."""
     values: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     """Written under the output folder (relative paths)."""
@@ -254,6 +267,7 @@ def _run_step(ctx: Context, res: StageResult, cmd: list[str], stage_end: float, 
     res.commands.append(" ".join(cmd))
     ran = run_command(cmd, env=ctx.env, timeout_s=stage_end - time.monotonic(), log=ctx.log_dir / f"{res.name}.log")
     res.log_tail = (res.log_tail + ran.output)[-TAIL_CHARS:]
+    res.cpu_seconds += ran.cpu_s
     if check and not ran.ok:
         raise StageFailed(what, ran)
     return ran
@@ -606,7 +620,9 @@ def git_commit() -> dict:
             return None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": None if status is None else bool(status)}
+    # a copy of the tree without its .git (as a lent machine may get) can be told its commit
+    head = git("rev-parse", "HEAD") or os.environ.get("CMVAE_COMMIT") or "unknown"
+    return {"commit": head, "dirty": None if status is None else bool(status)}
 
 
 def targets(results: dict[str, StageResult], dry: bool) -> list[dict]:

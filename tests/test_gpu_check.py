@@ -205,3 +205,40 @@ def test_the_build_takes_the_cmake_it_is_pointed_at(tmp_path, monkeypatch):
     assert extension_build._tool("cmake") == str(fake)
     monkeypatch.delenv("CMVAE_CMAKE")
     assert extension_build._tool("cmake") != str(fake)
+
+
+def test_the_gpu_plans_commands_are_accepted_by_the_cli(tmp_path, monkeypatch):
+    """The GPU run's own flags (the dry run uses tiny ones) parse and reach the benchmarks as meant: a typo would
+    otherwise first show on a lent GPU. The benchmarks themselves are replaced by recorders."""
+    import torch
+    from typer.testing import CliRunner
+
+    from cmvae_engine.bench import convergence, kernels, train
+    from cmvae_engine.engine import profiling
+    from cmvae_engine.engine.cli import app
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CLI's CUDA check; nothing runs on it
+    monkeypatch.setattr(kernels, "device_name", lambda dev: "GPU")
+    monkeypatch.setattr(kernels, "run", lambda cases, names, dev, out, progress: seen.setdefault(
+        "kernels", (cases, names, dev)) and kernels.BenchResult([], Path(out) / "k.json"))
+    row = {"variant": "optimised", "samples_per_s": 1.0, "steps_per_s": 1.0, "tflops": 1.0, "peak_mem_mb": 1.0,
+           "projected_paper_run_minutes": 1.0, "options": "", "device": "GPU"}
+    monkeypatch.setattr(train, "bench_train", lambda cfg, **kw: seen.setdefault("train", (cfg, kw)) and
+                        (Path("t.json"), [row]))
+    monkeypatch.setattr(profiling, "profile_training", lambda cfg, **kw: seen.setdefault("profile", (cfg, kw)))
+    monkeypatch.setattr(convergence, "run_convergence", lambda s, console: seen.setdefault("convergence", s))
+    plan = gc.Plan(dry=False, work=tmp_path, out=tmp_path / "out")
+    for cmd in (plan.kernels_command(), plan.train_command(), plan.profile_command(), plan.convergence_command()):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 0, (cmd, res.output)
+    cases, names, dev = seen["kernels"]
+    assert dev.type == "cuda" and names == list(kernels.BACKENDS) and len(cases) == len(kernels.TRAINING_CASES)
+    cfg, kw = seen["train"]
+    assert cfg.model.width == 1.0 and not cfg.model.reduced and cfg.data.data_root == str(tmp_path / "data")
+    assert kw["steps"] == 30 and kw["warmup"] == 10 and kw["out_dir"] == str(tmp_path / "out")
+    cfg, kw = seen["profile"]
+    assert cfg.step.compile and cfg.step.cuda_graphs and cfg.model.width == 1.0 and kw["steps"] == 10
+    s = seen["convergence"]
+    assert (s.recipes, s.seeds, s.width, s.stop_at_k, s.prune_every, s.device) == (["fast"], [0], 1.0, 10, 1, "cuda")
+    assert s.budget_minutes == 2 and s.out_dir == str(tmp_path / "out")

@@ -242,3 +242,26 @@ def test_the_gpu_plans_commands_are_accepted_by_the_cli(tmp_path, monkeypatch):
     s = seen["convergence"]
     assert (s.recipes, s.seeds, s.width, s.stop_at_k, s.prune_every, s.device) == (["fast"], [0], 1.0, 10, 1, "cuda")
     assert s.budget_minutes == 2 and s.out_dir == str(tmp_path / "out")
+
+
+def test_a_fused_backend_that_disagrees_is_dropped_and_the_others_timed(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path)
+    ctx.plan.out.mkdir()
+    calls = []
+    shape = {"N": 64, "K": 5, "D": 4}
+
+    def fake_step(ctx_, res, cmd, end, what, check=True):
+        calls.append(cmd)
+        if len(calls) == 1:
+            return gc.Ran(1, 1.0, "RuntimeError: bench kernels: mixture_logpdf [N=64 K=5 D=4] triton grad[0]\n"
+                                  "  disagrees with the reference: max error 3 (scale 1)\n")
+        rows = [_row("eager", shape, 4.0), _row("compile", shape, 2.0), _row("ext", shape, 1.0, gbps=50.0)]
+        (ctx_.plan.out / "kernels-cpu-1.json").write_text(json.dumps(rows))
+        return gc.Ran(0, 1.0, "")
+
+    monkeypatch.setattr(gc, "_run_step", fake_step)
+    res = gc.run_stage(ctx, next(s for s in gc.STAGES if s.name == "kernels"))
+    assert res.status == "warn" and len(calls) == 2
+    assert calls[1][calls[1].index("--backends") + 1] == "eager,compile,ext"
+    assert "triton" in res.values["disagrees"] and res.values["x_eager"] == pytest.approx(4.0)
+    assert res.figure.startswith("bench kernels: mixture_logpdf") and res.files == ["kernels-cpu-1.json"]

@@ -39,7 +39,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -748,8 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="every stage on the CPU with tiny shapes (the CUDA tests record their skip)")
     p.add_argument("--out", help="results folder (default: $OUT when set, else bench/results)")
-    p.add_argument("--work", help="scratch: data, compiler caches, logs, the profiler trace (default: a folder "
-                                  "under the system temp dir)")
+    p.add_argument("--work", help="scratch: data, compiler caches, logs, the profiler trace (default: "
+                                  "runs/gpu-check, which git ignores and a warm machine keeps between calls)")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no stage later than this many seconds after launch, and cut a running one there")
     p.add_argument("--python", default=sys.executable, help="the interpreter that runs the stages")
@@ -763,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     names = parse_stages(args.stage)
     started = time.monotonic()
     out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "results").resolve()
-    work = Path(args.work or Path(tempfile.gettempdir()) / "cmvae-gpu-check").resolve()
+    work = Path(args.work or ROOT / "runs" / "gpu-check").resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     plan = Plan(dry=args.dry_run, work=work, out=out)

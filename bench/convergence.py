@@ -62,6 +62,8 @@ class ConvergenceSettings:
     """Training wall time per (recipe, seed), evaluation excluded."""
     max_steps: int | None = None
     """Stop a run at this step even when budget is left (short checks)."""
+    stop_at_k: int | None = None
+    """Stop a run at the first evaluation whose pruning chooses exactly this many clusters (time to clusters)."""
     eval_every_steps: int = 50
     prune_every: int = 1
     """Prune at every n-th evaluation (0: only at the end)."""
@@ -101,6 +103,11 @@ class ConvergenceSettings:
         if bad or not self.score_splits or len(set(self.score_splits)) != len(self.score_splits):
             raise ValueError(f"--score-splits takes distinct names from {','.join(SPLITS)}, got "
                              f"{','.join(self.score_splits) or 'nothing'}")
+        if self.stop_at_k is not None and not 1 <= self.stop_at_k <= self.clusters:
+            raise ValueError(f"--stop-at-k must be between 1 and --clusters ({self.clusters}), got {self.stop_at_k}")
+        if self.stop_at_k is not None and self.prune_every != 1:
+            raise ValueError("--stop-at-k needs pruning at every evaluation (--prune-every 1), got "
+                             f"--prune-every {self.prune_every}")
 
 
 # ----- provenance ------------------------------------------------------------------------------------------
@@ -309,6 +316,9 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
                          "recipe_log": recipe.state_dict(), "loadavg_start": load_start, "loadavg_now": loadavg(),
                          "config": cfg.to_dict()})
 
+    def reached() -> bool:
+        return s.stop_at_k is not None and curve[-1].get("pruned_k") == s.stop_at_k
+
     record(final=False)
     t0 = time.perf_counter()
     warmed = recipe.warm_start(WarmStartContext(model, loader.images, device, s.batch_size, seed, console))
@@ -316,7 +326,8 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
     train_s += time.perf_counter() - t0  # the warm start is training time
     if warmed:  # show where the warm start left the model (still step 0)
         record(final=False)
-    done = train_s >= budget_s
+    stopped = warmed and reached()
+    done = stopped or train_s >= budget_s
     while not done:
         for xb in loader.epoch(epoch):
             t0 = time.perf_counter()
@@ -330,9 +341,16 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
                 break
             if step % s.eval_every_steps == 0:
                 record(final=False)
+                stopped = done = reached()
+                if done:
+                    break
         else:
             epoch += 1
-    record(final=True)
+    if not stopped:  # a run stopped by --stop-at-k ends on a pruned evaluation already
+        record(final=True)
+    else:
+        console.print(f"  {recipe_name} seed {seed}: pruning chose K={s.stop_at_k} at step {step} after "
+                      f"{train_s:.1f} s of training (evaluation {eval_s:.1f} s besides)")
     if any(r["train_loss"] is not None and not math.isfinite(r["train_loss"]) for r in curve):
         console.print(f"[red]{recipe_name} seed {seed}: the training loss went non-finite[/]")
     final = curve[-1]
@@ -341,6 +359,10 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
         "steps": step, "epochs_completed": epoch, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
         "steps_per_s": round(step / max(train_s, 1e-9), 4),
         "first_reached": first_crossings(curve, list(splits.scored)),
+        "stop_at_k": s.stop_at_k,
+        "reached_k": ({"train_s": final["train_s"], "step": final["step"], "pruned_k": final["pruned_k"],
+                       **{f"{name}_pruned_nmi": final[f"{name}_pruned_nmi"] for name in splits.scored},
+                       "eval_s_so_far": round(eval_s, 3)} if stopped else None),
         "final": final,
         "final_prune": {"split": final["prune_split"], "chosen_k": final["pruned_k"],
                         "improved": final["pruned_improved"],
@@ -371,7 +393,7 @@ def run_convergence(s: ConvergenceSettings, console: Console | None = None) -> P
         "device_type": device.type, "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "width": s.width, "reduced": s.width < 1.0, "clusters": s.clusters, "batch_size": s.batch_size,
         "lr": s.lr, "beta": s.beta, "budget_minutes": s.budget_minutes, "eval_every_steps": s.eval_every_steps,
-        "max_steps": s.max_steps, "n_train": int(splits.train.shape[1]),
+        "max_steps": s.max_steps, "stop_at_k": s.stop_at_k, "n_train": int(splits.train.shape[1]),
         **{f"n_{name}": int(images.shape[1]) for name, (images, _) in splits.scored.items()},
         "n_modalities": int(splits.train.shape[0]), "prune_split": splits.valid_name,
         "score_splits": list(splits.scored),
@@ -407,7 +429,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "final_pruned_k": r["final_prune"]["chosen_k"],
                     **{f"final_{n}_nmi": f[f"{n}_nmi"] for n in names},
                     **{f"final_{n}_pruned_nmi": f[f"{n}_pruned_nmi"] for n in names},
-                    "first_reached": r["first_reached"]})
+                    "first_reached": r["first_reached"], "reached_k": r.get("reached_k")})
     return out
 
 

@@ -171,6 +171,11 @@ FULL_CASES = (
 QUICK_CASES = [mixture(6400, 40, 32), mixture(65536, 40, 32), moe(5, 10, 128, 32), weights(5, 10, 128),
                image(5, 128, 3, 28, 28)]
 TINY_CASES = [mixture(64, 5, 4), moe(2, 2, 8, 4), weights(2, 3, 8), image(2, 4, 1, 4, 4)]
+# What a PolyMNIST training step at the paper's settings runs (M=5, B=128, K=40, D=32, S=1 and S=10), plus the
+# N = 1M mixture of whole-split evaluation, where the memory roofline is judged: the GPU acceptance set.
+TRAINING_CASES = [mixture(640, 40, 32), mixture(6400, 40, 32), mixture(65536, 40, 32), mixture(1_000_000, 40, 32),
+                  moe(5, 1, 128, 32), moe(5, 10, 128, 32), weights(5, 1, 128), weights(5, 10, 128),
+                  image(5, 128, 3, 28, 28), image(50, 128, 3, 28, 28)]
 
 
 # ----- the device ---------------------------------------------------------------------------------------------
@@ -450,5 +455,5 @@ def _add_speedups(rows: list[dict]) -> None:
 
 
 def select_cases(preset: str, ops: list[str]) -> list[Case]:
-    table = {"quick": QUICK_CASES, "full": FULL_CASES, "tiny": TINY_CASES}[preset]
+    table = {"quick": QUICK_CASES, "full": FULL_CASES, "tiny": TINY_CASES, "training": TRAINING_CASES}[preset]
     return [c for c in table if c.op in ops]

@@ -95,7 +95,10 @@ def built_kinds(build_dir: Path = BUILD_DIR) -> str:
 
 
 def _tool(name: str) -> str | None:
-    """A build tool, preferring the one installed next to this Python (the venv's cmake>=4 and ninja)."""
+    """A build tool: $CMVAE_CMAKE / $CMVAE_NINJA when set, else the one installed next to this Python (the
+    venv's cmake>=4 and ninja), else the first on PATH."""
+    if chosen := os.environ.get(f"CMVAE_{name.upper()}"):
+        return shutil.which(chosen)
     local = Path(sys.executable).parent / name
     if local.is_file() and os.access(local, os.X_OK):
         return str(local)

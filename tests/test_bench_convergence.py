@@ -130,3 +130,33 @@ def test_every_evaluation_rewrites_the_json_with_the_run_under_way(tiny_data, tm
     assert all(r["complete"] is False for r in partial)
     assert seen[-1]["finished"] and seen[-1]["runs"][0]["complete"] is True
     assert [row["step"] for row in seen[-1]["runs"][0]["curve"]] == [0, 2, 4]
+
+
+def test_stop_at_k_ends_the_run_at_the_first_evaluation_that_prunes_to_k(tiny_data, tmp_path, monkeypatch):
+    """The pruning is made to choose 3 clusters from its third call on (step 4): the run stops there, and that
+    evaluation is the last point of its curve."""
+    import dataclasses
+
+    from cmvae_engine.bench import convergence
+
+    real, calls = convergence.prune_latents, []
+
+    def prune_to_three_from_the_third_call(*args, **kwargs):
+        calls.append(1)
+        res = real(*args, **kwargs)
+        return dataclasses.replace(res, chosen_k=3) if len(calls) >= 3 else dataclasses.replace(res, chosen_k=5)
+
+    monkeypatch.setattr(convergence, "prune_latents", prune_to_three_from_the_third_call)
+    s = ConvergenceSettings(dataset=str(tiny_data), recipes=["paper"], seeds=[0], budget_minutes=5, max_steps=12,
+                            eval_every_steps=2, width=0.0625, clusters=5, batch_size=32, stop_at_k=3, threads=1,
+                            out_dir=str(tmp_path))
+    d = json.loads(run_convergence(s).read_text())
+    (run,) = d["runs"]
+    assert d["stop_at_k"] == 3 and run["stop_at_k"] == 3 and len(calls) == 3
+    assert [row["step"] for row in run["curve"]] == [0, 2, 4] and run["steps"] == 4
+    assert run["reached_k"]["step"] == 4 and run["reached_k"]["train_s"] == run["curve"][-1]["train_s"] > 0
+    assert run["final_prune"]["chosen_k"] == 3 and d["summary"][0]["reached_k"] == run["reached_k"]
+    with pytest.raises(ValueError, match="--stop-at-k must be between 1 and --clusters"):
+        ConvergenceSettings(dataset=str(tiny_data), clusters=5, stop_at_k=6)
+    with pytest.raises(ValueError, match="--prune-every 1"):
+        ConvergenceSettings(dataset=str(tiny_data), clusters=5, stop_at_k=3, prune_every=2)

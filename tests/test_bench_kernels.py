@@ -66,3 +66,15 @@ def test_bench_rejects_unknown_ops_and_backends(tmp_path):
     result = CliRunner().invoke(app, ["bench", "kernels", "--tiny", "--backends", "cuda", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "--backends" in result.output
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_training_set_holds_the_step_shapes_and_the_million_point_mixture(tmp_path):
+    cases = bench.select_cases("training", list(bench.OPS))
+    dims = {(c.op, tuple(c.dims.values())) for c in cases}
+    # M=5, B=128, K=40, D=32 at S=1 (N=640) and S=10 (N=6400), the N=65536 comparison and N=1M
+    assert {("mixture_logpdf", (n, 40, 32)) for n in (640, 6400, 65536, 1_000_000)} <= dims
+    assert {("moe_logq", (5, s, 128, 32)) for s in (1, 10)} <= dims
+    assert ("image_loglik", (5, 128, 3 * 28 * 28)) in dims and {c.op for c in cases} == set(bench.OPS)
+    result = CliRunner().invoke(app, ["bench", "kernels", "--tiny", "--training", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--training" in result.output
+    assert not list(tmp_path.glob("*.json"))

@@ -30,6 +30,8 @@ def bench_convergence_command(
     eval_every_steps: Annotated[int, Opt(help="Steps between evaluations.")] = 50,
     prune_every: Annotated[int, Opt(help="Prune at every n-th evaluation (0: only at the end).")] = 1,
     max_steps: Annotated[int | None, Opt(help="Stop a run at this step even with budget left.")] = None,
+    stop_at_k: Annotated[int | None, Opt(help="Stop a run once pruning chooses exactly this many clusters (the "
+                                              "time to clusters; needs --prune-every 1).")] = None,
     width: Annotated[float, Opt(help="Network width multiplier; < 1 is a reduced model.")] = 0.25,
     clusters: Annotated[int, Opt("--clusters", "-k", help="Mixture components K (pruning starts from all).")] = 40,
     batch_size: Annotated[int, Opt(help="Tuples per step.")] = 128,
@@ -63,6 +65,7 @@ def bench_convergence_command(
         settings = ConvergenceSettings(
             dataset=dataset, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
             seeds=_ints(seeds, "--seeds"), budget_minutes=budget_minutes, max_steps=max_steps,
+            stop_at_k=stop_at_k,
             eval_every_steps=eval_every_steps, prune_every=prune_every, width=width, clusters=clusters,
             batch_size=batch_size, lr=lr, beta=beta, device=device, threads=threads, data_root=data_root,
             fast=FastRecipeConfig.from_flags(fast_disable, fast_enable, fast_set),

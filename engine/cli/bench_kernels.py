@@ -36,6 +36,8 @@ def bench_kernels_command(
     quick: Annotated[bool | None, Opt("--quick/--full", help="A representative subset (default on CPU, ~2-3 min "
                                                             "on 2 cores) or every shape (default on CUDA).")] = None,
     tiny: Annotated[bool, Opt(help="One small shape per op (seconds): a smoke test of the benchmark itself.")] = False,
+    training: Annotated[bool, Opt(help="The training step's shapes (M=5, B=128, K=40, D=32, S=1 and 10) and the "
+                                       "N = 1M mixture at K = 40.")] = False,
     out: Annotated[str, Opt(help="Folder for the JSON rows (one file per run).")] = "bench/results",
     threads: Annotated[int | None, Opt(help="CPU threads for torch and the extension (default: torch's).")] = None,
 ) -> None:
@@ -60,7 +62,11 @@ def bench_kernels_command(
             console.print(Text(f"error: {e}", style="red"))
             raise typer.Exit(2) from None
         torch.set_num_threads(threads)
-    preset = "tiny" if tiny else ("quick" if (quick if quick is not None else dev.type == "cpu") else "full")
+    if tiny and training:
+        console.print("[red]error:[/] --tiny and --training choose different shape sets; pass one")
+        raise typer.Exit(2)
+    quick = quick if quick is not None else dev.type == "cpu"
+    preset = "tiny" if tiny else "training" if training else ("quick" if quick else "full")
     cases = bench.select_cases(preset, op_names)
     console.print(f"[bold]bench kernels[/] {preset}: {len(cases)} shapes x {len(backend_names)} backends on "
                   f"{bench.device_name(dev)}")

@@ -282,8 +282,8 @@ def compare_reference(cfg, ref_path: str | Path, *, steps: int, warmup: int, out
     """Time our step (cfg, any train flags) and the authors' code side by side; write and return the JSON.
     strict=False lets a reduced width through (only for tests of the machinery on a stand-in reference)."""
     from cmvae_engine.bench.kernels import commit, device_name
-    from cmvae_engine.engine.run_info import cpu_name
     from cmvae_engine.engine.profiling import step_flops
+    from cmvae_engine.engine.run_info import cpu_name
 
     reference_src(ref_path)
     cfg.model.n_modalities = 5

@@ -51,7 +51,7 @@ def variant_config(base: TrainConfig, variant: str) -> TrainConfig:
         cfg.data.loader = "resident"
     elif variant == "baseline":
         cfg.step = StepConfig(amp=False, compile=False, cuda_graphs=False, channels_last=False,
-                              cudnn_benchmark=False, fused_adam=False, decode_per_pair=True)
+                              cudnn_benchmark=False, fused_adam=False, decode_per_pair=True, batch_encoders=False)
         cfg.kernels = "torch"
         cfg.data.loader = "files"
         cfg.data.workers = 0

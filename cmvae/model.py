@@ -16,6 +16,7 @@ from torch import nn
 from cmvae_engine import kernels
 from cmvae_engine.cmvae.config import ModelConfig
 from cmvae_engine.cmvae.distributions import fixed_scale, rsample, scale_from_raw
+from cmvae_engine.cmvae.grouped_encoders import GroupedEncoders
 from cmvae_engine.cmvae.networks import Decoder, Encoder
 
 
@@ -50,6 +51,9 @@ class CMVAE(nn.Module):
         self.decoders = nn.ModuleList(
             Decoder(c.z_dim, c.w_dim, c.width, c.image_channels) for _ in range(c.n_modalities)
         )
+        # The 2M towers as one grouped computation over the encoders' own parameters; outside the module tree
+        # (object.__setattr__), so state_dict and checkpoints are the same with either path.
+        object.__setattr__(self, "grouped_encoders", GroupedEncoders(self.encoders))
         k = c.n_clusters
         self.prior_logits = nn.Parameter(torch.zeros(k))
         if c.kind == "mmvaeplus":
@@ -79,10 +83,21 @@ class CMVAE(nn.Module):
         return fixed_scale(self.config.family, self.config.w_dim)
 
     # ----- inference ----------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> Posterior:
-        """x [M, B, C, H, W] float in [0, 1] -> per-modality posterior parameters."""
-        outs = [enc(x[m]) for m, enc in enumerate(self.encoders)]
-        z_loc, z_raw, w_loc, w_raw = (torch.stack(t) for t in zip(*outs, strict=True))
+    # One grouped computation for all 2M encoder towers instead of 2M calls; set by the engine's step options.
+    batch_encoders: bool = False
+
+    def encode(self, x: torch.Tensor, batched: bool | None = None) -> Posterior:
+        """x [M, B, C, H, W] float in [0, 1] -> per-modality posterior parameters.
+
+        batched (default: the `batch_encoders` attribute) runs the towers as one grouped computation
+        (cmvae/grouped_encoders.py); the default calls each modality's encoder in turn. Same values to rounding.
+        """
+        batched = self.batch_encoders if batched is None else batched
+        if batched and isinstance(x, torch.Tensor):
+            z_loc, z_raw, w_loc, w_raw = self.grouped_encoders(x)
+        else:
+            outs = [enc(x[m]) for m, enc in enumerate(self.encoders)]
+            z_loc, z_raw, w_loc, w_raw = (torch.stack(t) for t in zip(*outs, strict=True))
         fam = self.config.family
         return Posterior(z_loc, scale_from_raw(z_raw, fam), w_loc, scale_from_raw(w_raw, fam))
 

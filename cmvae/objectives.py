@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cmvae_engine import kernels
+from cmvae_engine.cmvae import path_weights
 from cmvae_engine.cmvae.distributions import log_prob, log_prob_const_scale
 from cmvae_engine.cmvae.model import CMVAE, Latents, Posterior
 
@@ -73,12 +74,6 @@ def log_weights(
     return LogWeights(lw, loglik, log_pz, log_pw, log_qz, log_qw)
 
 
-def _scale_grad(t: torch.Tensor, weights: torch.Tensor) -> None:
-    """Multiply the gradient reaching t [M, S, B, D] by weights [M, S, B] (DReG's second w~ factor)."""
-    if t.requires_grad:
-        t.register_hook(lambda g: g * weights[..., None].to(g.dtype))
-
-
 def loss_fn(
     model: CMVAE, x: torch.Tensor, *, objective: str = "iwae", n_samples: int = 1, beta: float = 2.5,
     generator: torch.Generator | None = None,
@@ -89,13 +84,18 @@ def loss_fn(
     post = model.encode(x)
     lat = model.sample_latents(post, n_samples, generator)
     dreg = objective == "dreg"
+    # The path gradient of the encoder's samples carries w~ twice (w~^2) under DReG; with S=1 the weight is 1.
+    # The samples are tagged before any use; the weights reach their gradient through `send` below.
+    tokens: tuple[torch.Tensor, ...] = ()
+    if dreg and n_samples > 1:
+        (z, tz), (w, tw) = path_weights.tag(lat.z), path_weights.tag(lat.w)
+        lat, tokens = Latents(z, w, lat.w_aux), (tz, tw)
     lwo = log_weights(model, x, post, lat, beta, detach_q=dreg)
     bound, weights, _ = kernels.importance_weights(lwo.lw)
     if not dreg:
         return LossOutput(-bound.sum(), bound.detach(), post)
-    if n_samples > 1:
-        # The path gradient of the encoder's samples carries w~ twice (w~^2); with S=1 the weight is 1.
-        _scale_grad(lat.z, weights)
-        _scale_grad(lat.w, weights)
     surrogate = (weights * lwo.lw).sum(1).mean(0)
-    return LossOutput(-surrogate.sum(), bound.detach(), post)
+    loss = -surrogate.sum()
+    if tokens:
+        loss = loss + path_weights.send(weights, *tokens)  # + exactly 0
+    return LossOutput(loss, bound.detach(), post)

@@ -135,6 +135,7 @@ def _phases(averages, n_mod: int, steps: int, cuda: bool) -> list[Phase]:
     out = [phase("data", "data")]
     fwd = phase("forward (total)", "forward")
     groups = [phase(f"encoder m{i}", f"encoder[{i}]") for i in range(n_mod)]
+    groups.append(phase("encoders (all towers, grouped)", "encoders (grouped)"))
     groups += [phase(f"decoder group -> m{i}", f"decoder[{i}]") for i in range(n_mod)]
     groups = [g for g in groups if g is not None]
     out.append(fwd)
@@ -246,7 +247,7 @@ def profile_training(cfg: TrainConfig, *, steps: int, warmup: int, out: Path,
 
     names = {p for p in ("data", "forward", "backward", "optimizer", "ProfilerStep")}
     rows = [e for e in averages if not any(e.key.startswith(n) for n in names)
-            and not e.key.startswith(("encoder[", "decoder["))]
+            and not e.key.startswith(("encoder[", "decoder[", "encoders (grouped)"))]
     key = _self_dev_time if cuda else (lambda e: e.self_cpu_time_total)
     rows = sorted(rows, key=key, reverse=True)[:top]
     result = {"device": dev_name, "steps": steps, "warmup": warmup, "step_ms": step_s * 1e3,

@@ -36,6 +36,7 @@ class StepOptions:
     cudnn_benchmark: bool
     fused_adam: bool
     per_pair: bool
+    batch_encoders: bool = False
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -47,6 +48,7 @@ class StepOptions:
                  else "eager", "channels_last" if self.channels_last else "NCHW",
                  "fused Adam" if self.fused_adam else "Adam", "per-pair decoders" if self.per_pair
                  else "batched decoders"]
+        parts.append("grouped encoders" if self.batch_encoders else "per-tower encoders")
         return ", ".join(parts)
 
 
@@ -63,6 +65,7 @@ def resolve_options(cfg: StepConfig, device: torch.device) -> StepOptions:
         cudnn_benchmark=cfg.cudnn_benchmark and cuda,
         fused_adam=cuda if cfg.fused_adam is None else cfg.fused_adam,
         per_pair=cfg.decode_per_pair,
+        batch_encoders=cfg.batch_encoders,
     )
 
 

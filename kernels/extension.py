@@ -103,10 +103,10 @@ def mixture_logpdf_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, 
 
 
 def mixture_logpdf_bwd(grad_logp: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                       log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (g_z [N, D], g_loc [K, D], g_scale [K, D], g_log_pi [K])."""
-    return _ops().mixture_logpdf_bwd(grad_logp, z, loc, scale, log_pi, logp, is_laplace)
+                       log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool, need_z: bool = True,
+                       need_params: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (g_z [N, D], g_loc [K, D], g_scale [K, D], g_log_pi [K]); a gradient not needed is skipped and empty [0]."""
+    return _ops().mixture_logpdf_bwd(grad_logp, z, loc, scale, log_pi, logp, is_laplace, need_z, need_params)
 
 
 def moe_logq_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, is_laplace: bool) -> torch.Tensor:
@@ -115,9 +115,11 @@ def moe_logq_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, is_lap
 
 
 def moe_logq_bwd(grad_out: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                 out: torch.Tensor, is_laplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (g_z [M, S, B, D], g_loc [E, B, D], g_scale [E, B, D])."""
-    return _ops().moe_logq_bwd(grad_out, z, loc, scale, out, is_laplace)
+                 out: torch.Tensor, is_laplace: bool, need_params: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (g_z [M, S, B, D], g_loc [E, B, D], g_scale [E, B, D]); need_params=False skips the parameter
+    reductions (g_loc, g_scale empty [0])."""
+    return _ops().moe_logq_bwd(grad_out, z, loc, scale, out, is_laplace, need_params)
 
 
 def importance_weights_fwd(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -226,24 +226,27 @@ def _triton_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_pi:
 
 
 def _triton_bwd(grad_logp: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool, need_z: bool = True,
+                need_params: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     (n, d), k = z.shape, loc.shape[0]
     acc = _acc_dtype(z.dtype)
-    g_z = torch.empty((n, d), dtype=acc, device=z.device)
+    g_z = torch.empty((n, d) if need_z else (0,), dtype=acc, device=z.device)
     block_n, block_k, block_d = _blocks(n, k, d)
     n_tiles, k_tiles = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
     splits = max(1, min(n_tiles, _n_programs(z.device) // k_tiles))
-    part_loc = torch.empty((splits, k, d), dtype=acc, device=z.device)
-    part_scale = torch.empty_like(part_loc)
-    part_pi = torch.empty((splits, k), dtype=acc, device=z.device)
-    if n == 0:
-        return g_z, part_loc.zero_().sum(0), part_scale.zero_().sum(0), part_pi.zero_().sum(0)
+    parts = (torch.zeros((splits, k, d), dtype=acc, device=z.device),
+             torch.zeros((splits, k, d), dtype=acc, device=z.device),
+             torch.zeros((splits, k), dtype=acc, device=z.device)) if need_params else ()
     meta = dict(IS_LAPLACE=is_laplace, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
-    _mixture_bwd_z_kernel[(n_tiles,)](grad_logp, z, loc, scale, log_pi, logp, g_z, n, k, d, **meta)
-    _mixture_bwd_param_kernel[(splits, k_tiles)](grad_logp, z, loc, scale, log_pi, logp, part_loc, part_scale,
-                                                 part_pi, n, k, d, splits, **meta)
-    return g_z, part_loc.sum(0), part_scale.sum(0), part_pi.sum(0)
+    # Each kernel runs only when its gradients are wanted (DReG detaches the posterior, eval passes no z grad).
+    if need_z and n > 0:
+        _mixture_bwd_z_kernel[(n_tiles,)](grad_logp, z, loc, scale, log_pi, logp, g_z, n, k, d, **meta)
+    if not need_params:  # distinct empties: a custom op's outputs may not alias one another
+        return g_z, *(z.new_empty(0, dtype=acc) for _ in range(3))
+    if n > 0:
+        _mixture_bwd_param_kernel[(splits, k_tiles)](grad_logp, z, loc, scale, log_pi, logp, *parts, n, k, d,
+                                                     splits, **meta)
+    return (g_z, *(p.sum(0) for p in parts))
 
 
 # ----- the torch backend of the op: the contract's formulas in plain torch ([N, K, D] intermediates) ---------
@@ -258,19 +261,20 @@ def _torch_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, log_pi: 
 
 
 def _torch_bwd(grad_logp: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-               log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool, need_z: bool = True,
+               need_params: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(z.dtype)
     z, loc, scale, log_pi, g = (t.to(acc) for t in (z, loc, scale, log_pi, grad_logp))
     fam: Family = "laplace" if is_laplace else "normal"
     w = g[:, None] * (component_logpdf_ref(z, loc, scale, log_pi, fam) - logp.to(acc)[:, None]).exp()  # [N, K]
     diff = z[:, None, :] - loc[None]                                                                     # [N, K, D]
-    if is_laplace:
-        dmu, ds = diff.sign() / scale, -1.0 / scale + diff.abs() / scale**2
-    else:
-        dmu, ds = diff / scale**2, -1.0 / scale + diff**2 / scale**3
+    dmu = diff.sign() / scale if is_laplace else diff / scale**2
     w3 = w[:, :, None]
-    return -(w3 * dmu).sum(1), (w3 * dmu).sum(0), (w3 * ds).sum(0), w.sum(0)
+    g_z = -(w3 * dmu).sum(1) if need_z else z.new_empty(0)
+    if not need_params:  # distinct empties: a custom op's outputs may not alias one another
+        return g_z, z.new_empty(0), z.new_empty(0), z.new_empty(0)
+    ds = -1.0 / scale + (diff.abs() / scale**2 if is_laplace else diff**2 / scale**3)
+    return g_z, (w3 * dmu).sum(0), (w3 * ds).sum(0), w.sum(0)
 
 
 _IMPLS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
@@ -297,18 +301,23 @@ def _(z, loc, scale, log_pi, is_laplace, with_posterior, backend):
 
 @torch.library.custom_op("cmvae::mixture_logpdf_backward", mutates_args=())
 def mixture_logpdf_backward_op(grad_logp: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                               log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool, backend: str
+                               log_pi: torch.Tensor, logp: torch.Tensor, is_laplace: bool, backend: str,
+                               need_z: bool = True, need_params: bool = True,
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(g_z, g_loc, g_scale, g_log_pi) in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
+    """(g_z, g_loc, g_scale, g_log_pi) in the accumulation dtype (fp32, or fp64 for fp64 inputs). need_z /
+    need_params False skip the z gradient / the (loc, scale, log_pi) reductions: those come back empty [0]."""
     bwd = backends.lookup("mixture_logpdf", backend, "bwd", _IMPLS)
-    return bwd(grad_logp, z, loc, scale, log_pi, logp, is_laplace)
+    return bwd(grad_logp, z, loc, scale, log_pi, logp, is_laplace, need_z, need_params)
 
 
 @mixture_logpdf_backward_op.register_fake
-def _(grad_logp, z, loc, scale, log_pi, logp, is_laplace, backend):
+def _(grad_logp, z, loc, scale, log_pi, logp, is_laplace, backend, need_z=True, need_params=True):
     acc = _acc_dtype(z.dtype)
-    return (z.new_empty(z.shape, dtype=acc), loc.new_empty(loc.shape, dtype=acc),
-            scale.new_empty(scale.shape, dtype=acc), log_pi.new_empty(log_pi.shape, dtype=acc))
+
+    def like(t: torch.Tensor, needed: bool) -> torch.Tensor:
+        return t.new_empty(t.shape if needed else (0,), dtype=acc)
+
+    return like(z, need_z), like(loc, need_params), like(scale, need_params), like(log_pi, need_params)
 
 
 def _setup_context(ctx, inputs, output):
@@ -321,9 +330,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logp, _grad_resp, _grad_ent):
     z, loc, scale, log_pi, logp = ctx.saved_tensors
+    need = ctx.needs_input_grad[:4]
+    need_params = any(need[1:])
     grads = mixture_logpdf_backward_op(grad_logp.contiguous(), z, loc, scale, log_pi, logp, ctx.is_laplace,
-                                       ctx.backend)
-    return (*(g.to(t.dtype) for g, t in zip(grads, (z, loc, scale, log_pi), strict=True)), None, None, None)
+                                       ctx.backend, need[0], need_params)
+    # Gradients nobody asked for are None (and were never computed when none of the parameters needs one).
+    return (*(g.to(t.dtype) if n else None for g, t, n in zip(grads, (z, loc, scale, log_pi), need, strict=True)),
+            None, None, None)
 
 
 mixture_logpdf_op.register_autograd(_backward, setup_context=_setup_context)

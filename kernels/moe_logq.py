@@ -89,13 +89,14 @@ def _moe_fwd_kernel(z_ptr, loc_ptr, scale_ptr, out_ptr, B, D, E: tl.constexpr, I
 @jit
 def _moe_bwd_kernel(g_ptr, z_ptr, loc_ptr, scale_ptr, out_ptr, gz_ptr, part_loc_ptr, part_scale_ptr, B, D, MS,
                     N_SPLITS, E: tl.constexpr, IS_LAPLACE: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PARAMS: tl.constexpr):
     """Program (b tile, split p) walks samples ms = p, p + N_SPLITS, ... with
     r[ms, b, e] = exp(lq - log E - out) and w = g r:
       g_z[ms, b, d] = sum_e w dlp/dz                      (written per sample),
       g_loc[e, b, d] = sum_ms w dlp/dmu, g_scale likewise (partials [N_SPLITS, E, B, D], summed by the launcher);
     Laplace dlp/dz = -sign(z - mu)/s, dlp/ds = -1/s + |z - mu|/s^2; Normal dlp/dz = -(z - mu)/s^2,
-    dlp/ds = -1/s + (z - mu)^2/s^3; dlp/dmu = -dlp/dz."""
+    dlp/ds = -1/s + (z - mu)^2/s^3; dlp/dmu = -dlp/dz. PARAMS=False (detached experts, DReG) skips the
+    parameter accumulators and their stores."""
     ACC = gz_ptr.dtype.element_ty
     b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
     split = tl.program_id(1).to(tl.int64)
@@ -119,13 +120,17 @@ def _moe_bwd_kernel(g_ptr, z_ptr, loc_ptr, scale_ptr, out_ptr, gz_ptr, part_loc_
         if IS_LAPLACE:
             sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
             gz = -tl.sum(w3 * sign * inv_s, axis=1)
-            acc_a += w3 * sign
-            acc_b += w3 * tl.abs(diff)
+            if PARAMS:
+                acc_a += w3 * sign
+                acc_b += w3 * tl.abs(diff)
         else:
             gz = -tl.sum(w3 * diff * inv_s * inv_s, axis=1)
-            acc_a += w3 * diff
-            acc_b += w3 * diff * diff
+            if PARAMS:
+                acc_a += w3 * diff
+                acc_b += w3 * diff * diff
         tl.store(gz_ptr + ms * B * D + bd, gz, mask=bd_mask)
+    if not PARAMS:
+        return
     if IS_LAPLACE:
         g_loc = acc_a * inv_s
         g_scale = acc_b * inv_s * inv_s - acc_w[:, :, None] * inv_s
@@ -163,7 +168,8 @@ def _triton_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, is_lapl
 
 
 def _triton_bwd(grad_out: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                out: torch.Tensor, is_laplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                out: torch.Tensor, is_laplace: bool, need_params: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, s, b, d = z.shape
     e = loc.shape[0]
     acc = _acc_dtype(z.dtype)
@@ -173,14 +179,18 @@ def _triton_bwd(grad_out: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scal
     # Splitting the samples over programs fills a GPU at training shapes (B=128 gives only 8-16 b tiles);
     # the interpreter runs programs in turn and gains nothing from splits.
     target = 4 * torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 1
-    splits = max(1, min(m * s, target // max(b_tiles, 1)))
-    part_loc = torch.empty((splits, e, b, d), dtype=acc, device=z.device)
-    part_scale = torch.empty_like(part_loc)
-    if g_z.numel() == 0:
-        return g_z, part_loc.zero_().sum(0), part_scale.zero_().sum(0)
-    _moe_bwd_kernel[(b_tiles, splits)](
-        grad_out, z, loc, scale, out, g_z, part_loc, part_scale, b, d, m * s, splits, E=e, IS_LAPLACE=is_laplace,
-        BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
+    splits = max(1, min(m * s, target // max(b_tiles, 1))) if need_params else 1
+    # Without parameter gradients the kernel never touches the partials: one-element placeholders.
+    part_shape = (splits, e, b, d) if need_params else (1,)
+    part_loc = torch.zeros(part_shape, dtype=acc, device=z.device)
+    part_scale = torch.zeros_like(part_loc)
+    if g_z.numel() > 0:
+        _moe_bwd_kernel[(b_tiles, splits)](
+            grad_out, z, loc, scale, out, g_z, part_loc, part_scale, b, d, m * s, splits, E=e,
+            IS_LAPLACE=is_laplace, BLOCK_B=block_b, BLOCK_E=block_e, BLOCK_D=block_d, PARAMS=need_params,
+            num_warps=4)
+    if not need_params:
+        return g_z, z.new_empty(0, dtype=acc), z.new_empty(0, dtype=acc)
     return g_z, part_loc.sum(0), part_scale.sum(0)
 
 
@@ -191,7 +201,8 @@ def _torch_fwd(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, is_lapla
 
 
 def _torch_bwd(grad_out: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-               out: torch.Tensor, is_laplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               out: torch.Tensor, is_laplace: bool, need_params: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(z.dtype)
     z, loc, scale, g, out = (t.to(acc) for t in (z, loc, scale, grad_out, out))
     fam: Family = "laplace" if is_laplace else "normal"
@@ -200,10 +211,10 @@ def _torch_bwd(grad_out: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale
     lq = log_prob(z[:, None], loc[None, :, None], scale[None, :, None], fam).sum(-1)     # [M, E, S, B]
     w = (g[:, None] * (lq - math.log(n_experts) - out[:, None]).exp())[..., None]
     s = scale[None, :, None]
-    if is_laplace:
-        dmu, ds = diff.sign() / s, -1.0 / s + diff.abs() / s**2
-    else:
-        dmu, ds = diff / s**2, -1.0 / s + diff**2 / s**3
+    dmu = diff.sign() / s if is_laplace else diff / s**2
+    if not need_params:  # two distinct empties: a custom op's outputs may not alias one another
+        return -(w * dmu).sum(1), z.new_empty(0), z.new_empty(0)
+    ds = -1.0 / s + (diff.abs() / s**2 if is_laplace else diff**2 / s**3)
     return -(w * dmu).sum(1), (w * dmu).sum((0, 2)), (w * ds).sum((0, 2))
 
 
@@ -225,16 +236,19 @@ def _(z, loc, scale, is_laplace, backend):
 
 @torch.library.custom_op("cmvae::moe_logq_backward", mutates_args=())
 def moe_logq_backward_op(grad_out: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                         out: torch.Tensor, is_laplace: bool, backend: str
+                         out: torch.Tensor, is_laplace: bool, backend: str, need_params: bool = True,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(g_z, g_loc, g_scale) in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
-    return backends.lookup("moe_logq", backend, "bwd", _IMPLS)(grad_out, z, loc, scale, out, is_laplace)
+    """(g_z, g_loc, g_scale) in the accumulation dtype (fp32, or fp64 for fp64 inputs). need_params=False
+    (detached experts, as DReG's) skips the reductions over samples: g_loc and g_scale come back empty [0]."""
+    bwd = backends.lookup("moe_logq", backend, "bwd", _IMPLS)
+    return bwd(grad_out, z, loc, scale, out, is_laplace, need_params)
 
 
 @moe_logq_backward_op.register_fake
-def _(grad_out, z, loc, scale, out, is_laplace, backend):
+def _(grad_out, z, loc, scale, out, is_laplace, backend, need_params=True):
     acc = _acc_dtype(z.dtype)
-    return z.new_empty(z.shape, dtype=acc), loc.new_empty(loc.shape, dtype=acc), scale.new_empty(scale.shape, dtype=acc)
+    shape = loc.shape if need_params else (0,)
+    return z.new_empty(z.shape, dtype=acc), loc.new_empty(shape, dtype=acc), scale.new_empty(shape, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,8 +259,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     z, loc, scale, out = ctx.saved_tensors
-    grads = moe_logq_backward_op(grad_out.contiguous(), z, loc, scale, out, ctx.is_laplace, ctx.backend)
-    return (*(g.to(t.dtype) for g, t in zip(grads, (z, loc, scale), strict=True)), None, None)
+    need = ctx.needs_input_grad[:3]
+    grads = moe_logq_backward_op(grad_out.contiguous(), z, loc, scale, out, ctx.is_laplace, ctx.backend,
+                                 need[1] or need[2])
+    # g_z is a by-product of the walk over experts and always computed; the parameter reductions only on demand.
+    return (*(g.to(t.dtype) if n else None for g, t, n in zip(grads, (z, loc, scale), need, strict=True)),
+            None, None)
 
 
 moe_logq_op.register_autograd(_backward, setup_context=_setup_context)

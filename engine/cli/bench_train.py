@@ -19,6 +19,10 @@ def bench_train_command(
     steps: Annotated[int, typer.Option(help="Timed steps per variant.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps first (compilation, autotuning, loader start).")] = 5,
     out: Annotated[str, typer.Option(help="Folder of the JSON result.")] = "bench/results",
+    reference_code: Annotated[str | None, typer.Option(
+        help="The authors' CMVAE repository (a checkout): time their released training step beside ours (our "
+             "default step with the train flags given), interleaved, each in its own process (peak RSS), on random "
+             "images at full width; --steps/--warmup are per side.", show_default=False)] = None,
 ) -> None:
     """Samples/s, steps/s, TFLOP/s and peak memory of the optimised engine against the baseline (eager fp32,
     per-pair decoders, plain-torch ops, `files` loader), same config, one run. Train flags may follow
@@ -30,6 +34,9 @@ def bench_train_command(
     try:
         check_flags(("--steps", steps, COUNT, 20), ("--warmup", warmup, Rule(int, low=0), 5))
         cfg = parse_train_flags(dataset, list(ctx.args), "cmvae-engine bench train")
+        if reference_code is not None:
+            _reference(console, cfg, reference_code, steps, warmup, out)
+            return
         path, rows = bench_train(cfg, steps=steps, warmup=warmup, out_dir=out)
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {e}")
@@ -44,3 +51,21 @@ def bench_train_command(
     speed = rows[-1].get("speedup_vs_baseline")
     if speed:
         console.print(f"optimised / baseline: {speed:.2f}x samples/s -> {path}")
+
+
+def _reference(console: Console, cfg, reference_code: str, steps: int, warmup: int, out: str) -> None:
+    from cmvae_engine.bench.reference import compare_reference
+
+    path, r = compare_reference(cfg, reference_code, steps=steps, warmup=warmup, out_dir=out)
+    table = Table(title=f"bench train vs the authors' code on {r['device']} ({r['threads']} threads), batch "
+                        f"{r['config']['batch_size']}, {r['config']['objective']} S={r['config']['n_samples']}")
+    for col in ("code", "ms/step (median)", "GFLOP/s", "of matmul peak", "peak RSS MB", "options"):
+        table.add_column(col)
+    for side in ("ours", "reference"):
+        row = r[side]
+        table.add_row(side, f"{row['step_ms_median']:,.0f}", f"{row['gflops']:.1f}",
+                      f"{row['fraction_of_matmul_peak']:.0%}", f"{row['peak_rss_mb']:,.0f}", row["options"])
+    console.print(table)
+    console.print(f"ours is {r['speedup_vs_reference']:.2f}x the authors' speed; fp32 matmul peak "
+                  f"{r['matmul_peak_gflops']:.0f} GFLOP/s; load average {r['load_average_before'][0]:.1f} -> "
+                  f"{r['load_average_after'][0]:.1f} -> {path}")

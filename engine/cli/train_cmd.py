@@ -92,6 +92,8 @@ def train_flags(
                                               "convolutions (default: on for CUDA).", show_default=False)] = None,
     per_pair_decoders: Annotated[bool, Opt(help="One decoder call per (source, target) pair, as the reference.")]
     = False,
+    batch_encoders: Annotated[bool, Opt("--batch-encoders/--no-batch-encoders", help="All 2M encoder towers as "
+                                        "one grouped computation (same values to rounding).")] = True,
     checkpoint_every: Annotated[int, Opt(help="Steps between checkpoints (0: epoch ends and stops only).")] = 0,
     keep: Annotated[int, Opt(help="ckpt-{step}.pt files kept (checkpoint.pt is always the latest).")] = 3,
     resume: Annotated[bool, Opt(help="Continue --out from its newest valid checkpoint with the run's settings; flags "
@@ -119,7 +121,8 @@ def _build(f: dict, fast_base: FastRecipeConfig | None = None) -> TrainConfig:
         optim=OptimConfig(lr=f["lr"], amsgrad=f["amsgrad"], batch_size=f["batch_size"], epochs=f["epochs"],
                           max_steps=f["max_steps"]),
         step=StepConfig(amp=f["amp"], amp_dtype=f["amp_dtype"], compile=f["compile"], cuda_graphs=f["cuda_graphs"],
-                        channels_last=f["channels_last"], decode_per_pair=f["per_pair_decoders"]),
+                        channels_last=f["channels_last"], decode_per_pair=f["per_pair_decoders"],
+                        batch_encoders=f["batch_encoders"]),
         ckpt=CheckpointConfig(every=f["checkpoint_every"], keep=f["keep"]),
         recipe=f["recipe"], fast=FastRecipeConfig.from_flags(f["fast_disable"], f["fast_enable"], f["fast_set"],
                                                              fast_base),

@@ -106,12 +106,14 @@ class CMVAETask(Task):
         for kind, nets in (("encoder", model.encoders), ("decoder", model.decoders)):
             for i, net in enumerate(nets):
                 yield f"{kind}[{i}]", net
+        yield "encoders (grouped)", model.grouped_encoders  # the same parameters as encoder[i], one call
 
     def prepare(self, model: CMVAE, cfg: TrainConfig) -> None:
         model.decode_per_pair = cfg.step.decode_per_pair
+        model.batch_encoders = cfg.step.batch_encoders
 
     def compile_fullgraph(self, cfg: TrainConfig) -> bool:
-        return not (cfg.objective == "dreg" and cfg.n_samples > 1)  # DReG's gradient hooks break the graph
+        return True  # DReG's weighting of the path gradient is an autograd Function (cmvae/path_weights.py)
 
     def describe(self, cfg: TrainConfig, data_info: dict) -> str:
         m = cfg.model

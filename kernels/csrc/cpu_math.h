@@ -36,7 +36,8 @@ inline T distance(const T* __restrict z, const T* __restrict mu, const T* __rest
 }
 
 // Adds w times the component's gradient terms: g_z -= w f'/s, g_mu += w f'/s, g_s += w (u f' - 1)/s.
-template <typename T, bool LAPLACE>
+// GZ / GP false drop the z / the parameter terms (and need no buffer there): a gradient nobody wants is not computed.
+template <typename T, bool LAPLACE, bool GZ = true, bool GP = true>
 inline void add_gradients(const T* __restrict z, const T* __restrict mu, const T* __restrict inv_s, T w, int64_t D,
                           T* __restrict g_z, T* __restrict g_mu, T* __restrict g_s) {
 #pragma omp simd
@@ -51,9 +52,11 @@ inline void add_gradients(const T* __restrict z, const T* __restrict mu, const T
       ufp = u * u;
     }
     const T t = w * fp * inv_s[d];
-    g_z[d] -= t;
-    g_mu[d] += t;
-    g_s[d] += w * (ufp - T(1)) * inv_s[d];
+    if constexpr (GZ) g_z[d] -= t;
+    if constexpr (GP) {
+      g_mu[d] += t;
+      g_s[d] += w * (ufp - T(1)) * inv_s[d];
+    }
   }
 }
 

@@ -11,6 +11,7 @@
 // Eager torch materialises several [N, K, D] tensors; here each row streams over k with its K-vector of joints in
 // L1 and the inner d loop vectorised (`omp simd`; baseline and AVX2 versions picked at load time, see cpu_math.h).
 // Clusters with log_pi = -inf are skipped, so their responsibility and gradients are exact zeros.
+// need_z / need_params false drop the g_z / the (g_loc, g_scale, g_log_pi) terms, returned empty [0].
 #include "args.h"
 #include "cpu_math.h"
 
@@ -131,14 +132,14 @@ struct Partial {
   }
 };
 
-template <typename T, bool LAPLACE>
+template <typename T, bool LAPLACE, bool GZ, bool GP>
 CMVAE_MULTIVERSION void backward_rows(const T* z, const T* loc, const T* g, const T* logp, const Clusters<T>& c,
                                       int64_t n0, int64_t n1, int64_t K, int64_t D, T* g_z, Partial<T>& p) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t n = n0; n < n1; ++n) {
     const T* zn = z + n * D;
-    T* gz = g_z + n * D;
-    std::fill(gz, gz + D, T(0));
+    T* gz = GZ ? g_z + n * D : nullptr;
+    if constexpr (GZ) std::fill(gz, gz + D, T(0));
     const T gn = g[n], lp = logp[n];
     for (int64_t k = 0; k < K; ++k) {
       const T ck = c.constant[k];
@@ -147,24 +148,40 @@ CMVAE_MULTIVERSION void backward_rows(const T* z, const T* loc, const T* g, cons
       const T* is = c.inv_scale.data() + k * D;
       const T w = gn * std::exp(ck - distance<T, LAPLACE>(zn, mu, is, D) - lp);
       if (w == 0) continue;  // underflowed responsibility (far cluster) or zero incoming gradient
-      p.log_pi[k] += w;
-      add_gradients<T, LAPLACE>(zn, mu, is, w, D, gz, p.loc.data() + k * D, p.scale.data() + k * D);
+      if constexpr (GP) {
+        p.log_pi[k] += w;
+        add_gradients<T, LAPLACE, GZ, GP>(zn, mu, is, w, D, gz, p.loc.data() + k * D, p.scale.data() + k * D);
+      } else {
+        add_gradients<T, LAPLACE, GZ, GP>(zn, mu, is, w, D, gz, nullptr, nullptr);
+      }
     }
-    if ((n - n0 + 1) % kFlushRows == 0) p.flush();
+    if (GP && (n - n0 + 1) % kFlushRows == 0) p.flush();
   }
-  p.flush();
+  if constexpr (GP) p.flush();
+}
+
+template <typename T, bool LAPLACE>
+void backward_rows_for(bool need_z, bool need_params, const T* z, const T* loc, const T* g, const T* logp,
+                       const Clusters<T>& c, int64_t n0, int64_t n1, int64_t K, int64_t D, T* g_z, Partial<T>& p) {
+  if (need_z && need_params) {
+    backward_rows<T, LAPLACE, true, true>(z, loc, g, logp, c, n0, n1, K, D, g_z, p);
+  } else if (need_z) {
+    backward_rows<T, LAPLACE, true, false>(z, loc, g, logp, c, n0, n1, K, D, g_z, p);
+  } else {
+    backward_rows<T, LAPLACE, false, true>(z, loc, g, logp, c, n0, n1, K, D, g_z, p);
+  }
 }
 
 template <typename T>
-void backward(const MixtureArgs& a, const at::Tensor& grad, const at::Tensor& logp, bool is_laplace,
-              at::Tensor& g_z, at::Tensor& g_loc, at::Tensor& g_scale, at::Tensor& g_log_pi) {
+void backward(const MixtureArgs& a, const at::Tensor& grad, const at::Tensor& logp, bool is_laplace, bool need_z,
+              bool need_params, at::Tensor& g_z, at::Tensor& g_loc, at::Tensor& g_scale, at::Tensor& g_log_pi) {
   const int64_t N = a.N, K = a.K, D = a.D;
   const T* z = a.z.const_data_ptr<T>();
   const T* loc = a.loc.const_data_ptr<T>();
   const T* g = grad.const_data_ptr<T>();
   const T* lp = logp.const_data_ptr<T>();
   const auto c = precompute(a.scale.const_data_ptr<T>(), a.log_pi.const_data_ptr<T>(), K, D, is_laplace);
-  T* gz = g_z.mutable_data_ptr<T>();
+  T* gz = need_z ? g_z.mutable_data_ptr<T>() : nullptr;
 
   // One task (and one partial buffer) per thread at most, reduced below in a fixed order: results depend on the
   // thread count only through the summation order, and no atomics are needed.
@@ -173,18 +190,19 @@ void backward(const MixtureArgs& a, const at::Tensor& grad, const at::Tensor& lo
   const int64_t rows_per_task = (N + tasks - 1) / tasks;
   std::vector<Partial<T>> partials;
   partials.reserve(tasks);
-  for (int64_t i = 0; i < tasks; ++i) partials.emplace_back(K, D);
+  for (int64_t i = 0; i < tasks; ++i) partials.emplace_back(need_params ? K : 0, need_params ? D : 0);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows_per_task, n1 = std::min(N, n0 + rows_per_task);
       if (n0 >= n1) continue;
       if (is_laplace) {
-        backward_rows<T, true>(z, loc, g, lp, c, n0, n1, K, D, gz, partials[t]);
+        backward_rows_for<T, true>(need_z, need_params, z, loc, g, lp, c, n0, n1, K, D, gz, partials[t]);
       } else {
-        backward_rows<T, false>(z, loc, g, lp, c, n0, n1, K, D, gz, partials[t]);
+        backward_rows_for<T, false>(need_z, need_params, z, loc, g, lp, c, n0, n1, K, D, gz, partials[t]);
       }
     }
   });
+  if (!need_params) return;
 
   T* gl = g_loc.mutable_data_ptr<T>();
   T* gs = g_scale.mutable_data_ptr<T>();
@@ -223,19 +241,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_logpdf_fwd_cpu(const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_logpdf_bwd_cpu(
     const at::Tensor& grad_logp, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
-    const at::Tensor& log_pi, const at::Tensor& logp, bool is_laplace) {
+    const at::Tensor& log_pi, const at::Tensor& logp, bool is_laplace, bool need_z, bool need_params) {
   constexpr const char* op = "mixture_logpdf_bwd";
   const auto a = prepare_mixture(op, z, loc, scale, log_pi);
   const auto dtype = a.z.scalar_type();
   const auto g = prepare_row_vector(op, "grad_logp", grad_logp, a.N, dtype, a.z);
   const auto lp = prepare_row_vector(op, "logp", logp, a.N, dtype, a.z);
   const auto opts = a.z.options();
-  auto g_z = at::empty({a.N, a.D}, opts);
-  auto g_loc = at::empty({a.K, a.D}, opts);
-  auto g_scale = at::empty({a.K, a.D}, opts);
-  auto g_log_pi = at::empty({a.K}, opts);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "mixture_logpdf_bwd_cpu",
-                             [&] { backward<scalar_t>(a, g, lp, is_laplace, g_z, g_loc, g_scale, g_log_pi); });
+  const auto sized = [&](std::vector<int64_t> shape, bool needed) {
+    return needed ? at::empty(shape, opts) : at::empty({0}, opts);
+  };
+  auto g_z = sized({a.N, a.D}, need_z);
+  auto g_loc = sized({a.K, a.D}, need_params);
+  auto g_scale = sized({a.K, a.D}, need_params);
+  auto g_log_pi = sized({a.K}, need_params);
+  if (!need_z && !need_params) return {g_z, g_loc, g_scale, g_log_pi};
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mixture_logpdf_bwd_cpu", [&] {
+    backward<scalar_t>(a, g, lp, is_laplace, need_z, need_params, g_z, g_loc, g_scale, g_log_pi);
+  });
   return {g_z, g_loc, g_scale, g_log_pi};
 }
 

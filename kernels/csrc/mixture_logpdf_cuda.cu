@@ -64,7 +64,7 @@ __global__ void mixture_fwd_kernel(const T* __restrict z, const T* __restrict lo
   if (lane == 0) entropy[n] = h;
 }
 
-template <typename T, bool LAPLACE>
+template <typename T, bool LAPLACE, bool PARAMS>
 __global__ void mixture_bwd_kernel(const T* __restrict z, const T* __restrict loc, const T* __restrict inv_scale,
                                    const T* __restrict constant, const T* __restrict grad, const T* __restrict logp,
                                    int64_t N, int64_t K, int64_t D, int64_t tile_rows, T* __restrict g_z,
@@ -74,9 +74,10 @@ __global__ void mixture_bwd_kernel(const T* __restrict z, const T* __restrict lo
   T* gzs = zs + tile_rows * D;             // [tile_rows, D]
   T* ws = gzs + tile_rows * D;             // [tile_rows]
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  T* pl = part_loc + static_cast<int64_t>(blockIdx.x) * K * D;
-  T* ps = part_scale + static_cast<int64_t>(blockIdx.x) * K * D;
-  T* pp = part_log_pi + static_cast<int64_t>(blockIdx.x) * K;
+  // Without PARAMS (no parameter gradient wanted) the partial buffers are null and never touched.
+  T* pl = PARAMS ? part_loc + static_cast<int64_t>(blockIdx.x) * K * D : nullptr;
+  T* ps = PARAMS ? part_scale + static_cast<int64_t>(blockIdx.x) * K * D : nullptr;
+  T* pp = PARAMS ? part_log_pi + static_cast<int64_t>(blockIdx.x) * K : nullptr;
 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * tile_rows;
   for (int64_t n0 = static_cast<int64_t>(blockIdx.x) * tile_rows; n0 < N; n0 += stride) {
@@ -112,13 +113,17 @@ __global__ void mixture_bwd_kernel(const T* __restrict z, const T* __restrict lo
           const T u = (zs[r * D + d] - m_d) * is_d;
           const T t = w * f_prime<T, LAPLACE>(u) * is_d;
           gzs[r * D + d] -= t;
-          sum_loc += t;
-          sum_scale += w * ((LAPLACE ? (u < T(0) ? -u : u) : u * u) - T(1)) * is_d;
+          if constexpr (PARAMS) {
+            sum_loc += t;
+            sum_scale += w * ((LAPLACE ? (u < T(0) ? -u : u) : u * u) - T(1)) * is_d;
+          }
         }
-        pl[k * D + d] += sum_loc;
-        ps[k * D + d] += sum_scale;
+        if constexpr (PARAMS) {
+          pl[k * D + d] += sum_loc;
+          ps[k * D + d] += sum_scale;
+        }
       }
-      if (threadIdx.x == 0) {
+      if (PARAMS && threadIdx.x == 0) {
         T sum_w = 0;
         for (int64_t r = 0; r < rows; ++r) sum_w += ws[r];
         pp[k] += sum_w;
@@ -179,7 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_logpdf_fwd_cuda(const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_logpdf_bwd_cuda(
     const at::Tensor& grad_logp, const at::Tensor& z, const at::Tensor& loc, const at::Tensor& scale,
-    const at::Tensor& log_pi, const at::Tensor& logp, bool is_laplace) {
+    const at::Tensor& log_pi, const at::Tensor& logp, bool is_laplace, bool need_z, bool need_params) {
+  // g_z comes out of the same pass as the parameter terms, so need_z=false only drops it from the result;
+  // need_params=false skips the parameter partials and their reduction.
   constexpr const char* op = "mixture_logpdf_bwd";
   const auto a = prepare_mixture(op, z, loc, scale, log_pi);
   const auto dtype = a.z.scalar_type();
@@ -189,9 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_logpdf_bwd_cu
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = a.z.options();
   auto g_z = at::empty({a.N, a.D}, opts);
-  auto g_loc = at::zeros({a.K, a.D}, opts);
-  auto g_scale = at::zeros({a.K, a.D}, opts);
-  auto g_log_pi = at::zeros({a.K}, opts);
+  auto g_loc = need_params ? at::zeros({a.K, a.D}, opts) : at::empty({0}, opts);
+  auto g_scale = need_params ? at::zeros({a.K, a.D}, opts) : at::empty({0}, opts);
+  auto g_log_pi = need_params ? at::zeros({a.K}, opts) : at::empty({0}, opts);
   auto inv_scale = at::empty({a.K, a.D}, opts);
   auto constant = at::empty({a.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "mixture_logpdf_bwd_cuda", [&] {
@@ -206,22 +213,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_logpdf_bwd_cu
     const int64_t slice_bytes = (2 * a.K * a.D + a.K) * static_cast<int64_t>(sizeof(T));
     const int64_t blocks = std::max<int64_t>(
         1, std::min({tiles, static_cast<int64_t>(2 * sm_count(a.z)), kPartialBytes / slice_bytes}));
-    auto part_loc = at::zeros({blocks, a.K, a.D}, opts);
-    auto part_scale = at::zeros({blocks, a.K, a.D}, opts);
-    auto part_log_pi = at::zeros({blocks, a.K}, opts);
+    const int64_t parts = need_params ? blocks : 0;
+    auto part_loc = at::zeros({parts, a.K, a.D}, opts);
+    auto part_scale = at::zeros({parts, a.K, a.D}, opts);
+    auto part_log_pi = at::zeros({parts, a.K}, opts);
     const size_t smem = static_cast<size_t>(tile_rows * row_bytes);
-    auto kernel = is_laplace ? mixture_bwd_kernel<T, true> : mixture_bwd_kernel<T, false>;
+    auto kernel = is_laplace ? (need_params ? mixture_bwd_kernel<T, true, true> : mixture_bwd_kernel<T, true, false>)
+                             : (need_params ? mixture_bwd_kernel<T, false, true> : mixture_bwd_kernel<T, false, false>);
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
         a.z.const_data_ptr<T>(), a.loc.const_data_ptr<T>(), inv_scale.const_data_ptr<T>(),
         constant.const_data_ptr<T>(), g.const_data_ptr<T>(), lp.const_data_ptr<T>(), a.N, a.K, a.D, tile_rows,
-        g_z.mutable_data_ptr<T>(), part_loc.mutable_data_ptr<T>(), part_scale.mutable_data_ptr<T>(),
-        part_log_pi.mutable_data_ptr<T>());
+        g_z.mutable_data_ptr<T>(), need_params ? part_loc.mutable_data_ptr<T>() : nullptr,
+        need_params ? part_scale.mutable_data_ptr<T>() : nullptr,
+        need_params ? part_log_pi.mutable_data_ptr<T>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!need_params) return;
     sum_partials<T>(part_loc, blocks, a.K * a.D, g_loc, stream);
     sum_partials<T>(part_scale, blocks, a.K * a.D, g_scale, stream);
     sum_partials<T>(part_log_pi, blocks, a.K, g_log_pi, stream);
   });
-  return {g_z, g_loc, g_scale, g_log_pi};
+  return {need_z ? g_z : at::empty({0}, opts), g_loc, g_scale, g_log_pi};
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 //   g_z = -sum_e w f'/s,  g_loc[e,b] = sum_{m,s} w f'/s,  g_scale[e,b] = sum_{m,s} w (u f' - 1)/s.
 // The backward runs in parallel over b: the rows of one b are the only ones touching loc[:, b] and scale[:, b],
 // so each task owns its parameter-gradient slice outright (no partial buffers to reduce, no atomics).
+// need_params=false (detached experts, as under DReG) drops the g_loc/g_scale terms and returns them empty.
 #include "args.h"
 #include "cpu_math.h"
 
@@ -79,13 +80,13 @@ void forward(const MoeArgs& a, bool is_laplace, at::Tensor& out) {
   });
 }
 
-template <typename T, bool LAPLACE>
+template <typename T, bool LAPLACE, bool PARAMS>
 CMVAE_MULTIVERSION void backward_batch(const MoeArgs& a, const T* z, const T* loc, const T* g, const T* out,
                                        const Experts<T>& x, int64_t b, T* g_z, T* g_loc, T* g_scale) {
   const int64_t B = a.B, E = a.E, D = a.D, MS = a.M * a.S;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const T log_e = std::log(static_cast<T>(E));
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; PARAMS && e < E; ++e) {
     std::fill(g_loc + (e * B + b) * D, g_loc + (e * B + b + 1) * D, T(0));
     std::fill(g_scale + (e * B + b) * D, g_scale + (e * B + b + 1) * D, T(0));
   }
@@ -101,29 +102,35 @@ CMVAE_MULTIVERSION void backward_batch(const MoeArgs& a, const T* z, const T* lo
       const T* is = x.inv_scale.data() + eb * D;
       const T w = g[i] * std::exp(x.constant[eb] - distance<T, LAPLACE>(zi, mu, is, D) - log_e - out[i]);
       if (w == 0) continue;
-      add_gradients<T, LAPLACE>(zi, mu, is, w, D, gz, g_loc + eb * D, g_scale + eb * D);
+      if constexpr (PARAMS) {
+        add_gradients<T, LAPLACE>(zi, mu, is, w, D, gz, g_loc + eb * D, g_scale + eb * D);
+      } else {
+        add_gradients<T, LAPLACE, true, false>(zi, mu, is, w, D, gz, nullptr, nullptr);
+      }
     }
   }
 }
 
 template <typename T>
-void backward(const MoeArgs& a, const at::Tensor& grad, const at::Tensor& out, bool is_laplace, at::Tensor& g_z,
-              at::Tensor& g_loc, at::Tensor& g_scale) {
+void backward(const MoeArgs& a, const at::Tensor& grad, const at::Tensor& out, bool is_laplace, bool need_params,
+              at::Tensor& g_z, at::Tensor& g_loc, at::Tensor& g_scale) {
   const T* z = a.z.const_data_ptr<T>();
   const T* loc = a.loc.const_data_ptr<T>();
   const auto x = precompute(a.scale.const_data_ptr<T>(), a.E * a.B, a.D, is_laplace);
   const T* g = grad.const_data_ptr<T>();
   const T* o = out.const_data_ptr<T>();
   T* gz = g_z.mutable_data_ptr<T>();
-  T* gl = g_loc.mutable_data_ptr<T>();
-  T* gs = g_scale.mutable_data_ptr<T>();
+  T* gl = need_params ? g_loc.mutable_data_ptr<T>() : nullptr;
+  T* gs = need_params ? g_scale.mutable_data_ptr<T>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, a.M * a.S * a.E * a.D));
   at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       if (is_laplace) {
-        backward_batch<T, true>(a, z, loc, g, o, x, b, gz, gl, gs);
+        need_params ? backward_batch<T, true, true>(a, z, loc, g, o, x, b, gz, gl, gs)
+                    : backward_batch<T, true, false>(a, z, loc, g, o, x, b, gz, gl, gs);
       } else {
-        backward_batch<T, false>(a, z, loc, g, o, x, b, gz, gl, gs);
+        need_params ? backward_batch<T, false, true>(a, z, loc, g, o, x, b, gz, gl, gs)
+                    : backward_batch<T, false, false>(a, z, loc, g, o, x, b, gz, gl, gs);
       }
     }
   });
@@ -138,7 +145,8 @@ at::Tensor moe_logq_fwd_cpu(const at::Tensor& z, const at::Tensor& loc, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_logq_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& z,
                                                                 const at::Tensor& loc, const at::Tensor& scale,
-                                                                const at::Tensor& out, bool is_laplace) {
+                                                                const at::Tensor& out, bool is_laplace,
+                                                                bool need_params) {
   constexpr const char* op = "moe_logq_bwd";
   const auto a = prepare_moe(op, z, loc, scale);
   const auto dtype = a.z.scalar_type();
@@ -146,10 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_logq_bwd_cpu(const at::Tensor
   const auto g = prepare_same_shape(op, "grad_out", grad_out, shape, dtype, a.z);
   const auto o = prepare_same_shape(op, "out", out, shape, dtype, a.z);
   auto g_z = at::empty_like(a.z);
-  auto g_loc = at::empty_like(a.loc);
-  auto g_scale = at::empty_like(a.scale);
+  auto g_loc = need_params ? at::empty_like(a.loc) : at::empty({0}, a.loc.options());
+  auto g_scale = need_params ? at::empty_like(a.scale) : at::empty({0}, a.scale.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "moe_logq_bwd_cpu",
-                             [&] { backward<scalar_t>(a, g, o, is_laplace, g_z, g_loc, g_scale); });
+                             [&] { backward<scalar_t>(a, g, o, is_laplace, need_params, g_z, g_loc, g_scale); });
   return {g_z, g_loc, g_scale};
 }
 

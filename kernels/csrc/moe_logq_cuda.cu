@@ -44,7 +44,7 @@ __global__ void moe_fwd_kernel(const T* __restrict z, const T* __restrict loc, c
   if (lane == 0) out[i] = m == neg_inf<T>() ? m : m + log(s) - log(static_cast<T>(E));
 }
 
-template <typename T, bool LAPLACE>
+template <typename T, bool LAPLACE, bool PARAMS>
 __global__ void moe_bwd_kernel(const T* __restrict z, const T* __restrict loc, const T* __restrict inv_scale,
                                const T* __restrict constant, const T* __restrict grad, const T* __restrict out,
                                int64_t rows, int64_t B, int64_t E, int64_t D, T* __restrict g_z, T* __restrict g_loc,
@@ -68,8 +68,10 @@ __global__ void moe_bwd_kernel(const T* __restrict z, const T* __restrict loc, c
       const T u = (zi[d] - loc[eb * D + d]) * is_d;
       const T t = w * f_prime<T, LAPLACE>(u) * is_d;
       gz[d] -= t;
-      atomicAdd(g_loc + eb * D + d, t);
-      atomicAdd(g_scale + eb * D + d, w * ((LAPLACE ? (u < T(0) ? -u : u) : u * u) - T(1)) * is_d);
+      if constexpr (PARAMS) {  // detached experts (DReG): no atomics at all
+        atomicAdd(g_loc + eb * D + d, t);
+        atomicAdd(g_scale + eb * D + d, w * ((LAPLACE ? (u < T(0) ? -u : u) : u * u) - T(1)) * is_d);
+      }
     }
   }
 }
@@ -98,7 +100,8 @@ at::Tensor moe_logq_fwd_cuda(const at::Tensor& z, const at::Tensor& loc, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_logq_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& z,
                                                                  const at::Tensor& loc, const at::Tensor& scale,
-                                                                 const at::Tensor& out, bool is_laplace) {
+                                                                 const at::Tensor& out, bool is_laplace,
+                                                                 bool need_params) {
   constexpr const char* op = "moe_logq_bwd";
   const auto a = prepare_moe(op, z, loc, scale);
   const auto dtype = a.z.scalar_type();
@@ -109,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_logq_bwd_cuda(const at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = a.z.options();
   auto g_z = at::empty({a.M, a.S, a.B, a.D}, opts);
-  auto g_loc = at::zeros({a.E, a.B, a.D}, opts);
-  auto g_scale = at::zeros({a.E, a.B, a.D}, opts);
+  auto g_loc = need_params ? at::zeros({a.E, a.B, a.D}, opts) : at::empty({0}, opts);
+  auto g_scale = need_params ? at::zeros({a.E, a.B, a.D}, opts) : at::empty({0}, opts);
   auto inv_scale = at::empty({a.E, a.B, a.D}, opts);
   auto constant = at::empty({a.E, a.B}, opts);
   const int64_t rows = a.M * a.S * a.B;
@@ -118,11 +121,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_logq_bwd_cuda(const at::Tenso
     using T = scalar_t;
     component_constants<T>(a.scale, nullptr, a.E * a.B, a.D, is_laplace, inv_scale, constant, stream);
     if (rows == 0) return;
-    auto kernel = is_laplace ? moe_bwd_kernel<T, true> : moe_bwd_kernel<T, false>;
+    auto kernel = is_laplace ? (need_params ? moe_bwd_kernel<T, true, true> : moe_bwd_kernel<T, true, false>)
+                             : (need_params ? moe_bwd_kernel<T, false, true> : moe_bwd_kernel<T, false, false>);
     kernel<<<static_cast<unsigned>(ceil_div(rows, kThreads / kWarp)), kThreads, 0, stream>>>(
         a.z.const_data_ptr<T>(), a.loc.const_data_ptr<T>(), inv_scale.const_data_ptr<T>(),
         constant.const_data_ptr<T>(), g.const_data_ptr<T>(), o.const_data_ptr<T>(), rows, a.B, a.E, a.D,
-        g_z.mutable_data_ptr<T>(), g_loc.mutable_data_ptr<T>(), g_scale.mutable_data_ptr<T>());
+        g_z.mutable_data_ptr<T>(), need_params ? g_loc.mutable_data_ptr<T>() : nullptr,
+        need_params ? g_scale.mutable_data_ptr<T>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {g_z, g_loc, g_scale};

@@ -18,7 +18,7 @@ def many_to_one_acc(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Share of points whose cluster's majority label is their label (any number of clusters per label)."""
     if len(labels) == 0:
         return float("nan")
-    return float(confusion(labels, clusters).max(axis=0).sum() / len(labels))
+    return float(confusion(labels, clusters).max(axis=1).sum() / len(labels))  # rows: clusters
 
 
 def factor_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:

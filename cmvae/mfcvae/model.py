@@ -39,6 +39,11 @@ class MFCVAEOutput:
     """Per facet [B]: log q(z_j|x) - log p(z_j), facet j's terms of eq. 14."""
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Autocast networks hand back bf16/fp16: the probabilistic core runs in fp32 (fp64 stays fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class MFCVAE(nn.Module):
     def __init__(self, cfg: MFCVAEConfig):
         super().__init__()
@@ -53,7 +58,7 @@ class MFCVAE(nn.Module):
 
     def posterior(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per facet (mean, std) of q(z_j | x); x float in [0, 1], [B, C, H, W]."""
-        return [(m.float(), s.float()) for m, s in self.encoder(x)]
+        return [(_fp32(m), _fp32(s)) for m, s in self.encoder(x)]
 
     def assign(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per facet q(c_j | x) [B, K_j] of eq. 12 in closed form (the assignment is its argmax)."""
@@ -75,7 +80,7 @@ class MFCVAE(nn.Module):
             zs.append(mean + std * eps)
             log_q.append((-std.log() - _HALF_LOG_2PI - 0.5 * eps.pow(2)).sum(-1))  # log N(z; mean, std) at z
         log_p, _ = facet_log_densities(zs, self.priors, packed=packed)
-        pred = self.decode(zs, alpha).float()
+        pred = _fp32(self.decode(zs, alpha))
         rec = image_loglik(pred, x, self.config.likelihood_scale, "normal")
         kl = [lq - lp for lq, lp in zip(log_q, log_p, strict=True)]
         bound = rec - torch.stack(kl).sum(0)

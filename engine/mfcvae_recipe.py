@@ -19,7 +19,7 @@ from cmvae_engine.cmvae.mfcvae.config import MFCVAEConfig
 from cmvae_engine.cmvae.mfcvae.model import MFCVAE
 from cmvae_engine.cmvae.mfcvae.schedule import facet_weights
 from cmvae_engine.engine.checkpoint import unwrap
-from cmvae_engine.engine.recipes import Recipe
+from cmvae_engine.engine.recipes import Recipe, StepContext
 from cmvae_engine.engine.warm_start import WarmStartContext
 
 GMM_POINTS = 10000
@@ -48,26 +48,57 @@ class ProgressiveRecipe(Recipe):
                               "their random start (no mixture fit)", style="yellow")
             self.gmm_done = True
             return False
+        model: MFCVAE = unwrap(ctx.model)
+        n = self._fit(model, ctx.train_images[0], list(range(model.n_facets)), self.seed)
+        self.gmm_done = True
+        self._events.append({"event": "gmm_init", "step": 0, "points": n})
+        ctx.console.print(f"mfcvae: cluster means of {model.n_facets} facets from a diagonal Gaussian mixture on "
+                          f"{n} training images' posterior means", style="dim")
+        return True
+
+    def after_step(self, ctx: StepContext) -> None:
+        """With `refit`: facet j's means again from a mixture fit at the step its fade-in ends (a fixed step, so a
+        resumed run does the same)."""
+        if not self.cfg.refit or ctx.train_images is None:
+            return
+        for j in range(self.cfg.n_facets - 1):
+            if ctx.step == self._fade_end(j):
+                model: MFCVAE = unwrap(ctx.model)
+                n = self._fit(model, ctx.train_images[0], [j], self.seed + 1000 * ctx.step, with_weights=True)
+                self._events.append({"event": "gmm_refit", "step": ctx.step, "facet": j, "points": n})
+
+    def _fade_end(self, j: int) -> int:
+        rank = self.cfg.n_facets - 1 - j
+        return self.cfg.solo_steps + (rank - 1) * (self.cfg.fade_steps + self.cfg.solo_steps) + self.cfg.fade_steps
+
+    @torch.no_grad()
+    def _fit(self, model: MFCVAE, images: torch.Tensor, facets: list[int], seed: int,
+             with_weights: bool = False) -> int:
+        """Fit a diagonal Gaussian mixture per facet in `facets` to the posterior means of (a seeded subset of) the
+        uint8 training images [N, C, H, W]; its means become the cluster means (and, `with_weights`, its weights
+        the cluster weights, its variances the cluster variances). Returns the number of images used."""
         from sklearn.mixture import GaussianMixture  # deferred: sklearn is slow to import
 
-        model: MFCVAE = unwrap(ctx.model)
-        images = ctx.train_images[0]
-        pick = np.random.default_rng(self.seed).permutation(images.shape[0])[:GMM_POINTS]
+        was_training = model.training
+        model.eval()
+        pick = np.random.default_rng(seed).permutation(images.shape[0])[:GMM_POINTS]
         means = [[] for _ in range(model.n_facets)]
         for start in range(0, len(pick), 1024):
             x = to_float(images[torch.as_tensor(pick[start:start + 1024], device=images.device)])
             for j, (m, _) in enumerate(model.posterior(x)):
-                means[j].append(m.cpu().double())
-        for j in range(model.n_facets):
-            data = torch.cat(means[j]).numpy()
-            gmm = GaussianMixture(self.cfg.n_clusters[j], covariance_type="diag", random_state=self.seed + j,
-                                  reg_covar=1e-6, max_iter=200).fit(data)
-            model.priors.loc[j].copy_(torch.as_tensor(gmm.means_, dtype=model.priors.loc[j].dtype))
-        self.gmm_done = True
-        self._events.append({"event": "gmm_init", "step": 0, "points": int(len(pick))})
-        ctx.console.print(f"mfcvae: cluster means of {model.n_facets} facets from a diagonal Gaussian mixture on "
-                          f"{len(pick)} training images' posterior means", style="dim")
-        return True
+                means[j].append(m.float().cpu().double())
+        for j in facets:
+            gmm = GaussianMixture(self.cfg.n_clusters[j], covariance_type="diag", random_state=seed + j,
+                                  reg_covar=1e-6, max_iter=200).fit(torch.cat(means[j]).numpy())
+            pri = model.priors
+            pri.loc[j].copy_(torch.as_tensor(gmm.means_, dtype=pri.loc[j].dtype))
+            if with_weights:
+                var = torch.as_tensor(gmm.covariances_, dtype=pri.raw_var[j].dtype).clamp_min(1e-4)
+                pri.raw_var[j].copy_(torch.log(torch.expm1(10.0 * var)) / 10.0)  # softplus(beta = 10) inverse
+                if self.cfg.learn_pi:
+                    pri.pi_logits[j].copy_(torch.as_tensor(np.log(gmm.weights_), dtype=pri.pi_logits[j].dtype))
+        model.train(was_training)
+        return int(len(pick))
 
     def active_elements(self) -> list[str]:
         return ["progressive", *(["gmm-init"] if self.cfg.gmm_init else [])]

@@ -63,6 +63,28 @@ def test_train_command_runs_mfcvae_on_the_loop(data, tmp_path):
     run = load_run(out)
     assert run.model.config.n_clusters == [4, 3]
 
+    # eval, generate and report on the run
+    result = CliRunner().invoke(app, ["eval", str(out), "--split", "valid", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["split"] == "valid" and ev["factors"] == ["digit", "colour"]
+    assert [f["facet"] for f in ev["facets"]] == [0, 1] and [f["n_clusters"] for f in ev["facets"]] == [4, 3]
+    for row in ev["facets"]:
+        assert set(row["scores"]) == {"digit", "colour"}
+        for s in row["scores"].values():
+            assert set(s) == {"nmi", "ari", "acc", "acc_many_to_one"} and 0 <= s["nmi"] <= 1
+            assert s["acc_many_to_one"] >= s["acc"] - 1e-12  # many-to-one is never below the one-to-one map
+    assert [set(p["accuracy"]) for p in ev["latent_probes"]] == [{"digit", "colour"}] * 2
+    result = CliRunner().invoke(app, ["generate", str(out), "--n", "4"])
+    assert result.exit_code == 0, result.output
+    gen = json.loads((out / "generated" / "generate.json").read_text())
+    assert set(gen["files"]) == {"facet0_clusters.png", "facet1_clusters.png", "facet_swap.png"}
+    assert all((out / "generated" / name).stat().st_size > 0 for name in gen["files"])
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    assert "Facets x factors (valid split)" in html and "Latent probes" in html and "facet_swap.png" in html
+
 
 def test_a_stopped_run_resumes_exactly(data, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"

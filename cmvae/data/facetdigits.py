@@ -20,14 +20,16 @@ from cmvae_engine.cmvae.data.polydigits import _digits, _interp_matrix, _split_p
 from cmvae_engine.cmvae.progress import ProgressFn, report
 
 # Bump whenever the generated arrays change for the same parameters: caches compare it (see resolve.py).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DIGITS = (0, 3, 4, 7)
 """The digit classes: the most distinct four of the bundled set (k-means on their raw 8x8 pixels: NMI 0.92)."""
 STYLES = {"red": (150, 35, 35), "green": (30, 120, 45), "blue": (35, 50, 160), "ochre": (165, 130, 25)}
 """Background colours (RGB) of the colour factor."""
 STROKE = (235, 235, 225)
 GLYPH_SIZE = 20
-MAX_SHIFT = 2
+MAX_SHIFT = 1
+"""Measured on 3,000 training images (k-means, 4 clusters, on 10 principal components of the ink): the digit is
+separable at shifts of up to 1 px (NMI 0.81; 0.90 unshifted) and buried under the position at 2 px (NMI 0.09)."""
 TINT_JITTER = 12
 """Per-image uniform jitter of each background channel (levels), so that a colour is a tight cloud, not a point."""
 FACTORS = ("digit", "colour")

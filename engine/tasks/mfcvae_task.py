@@ -96,7 +96,18 @@ class MFCVAETask(Task):
         return MFCVAEObjective(model, loss_scale)
 
     def networks(self, model: MFCVAE) -> Iterable[tuple[str, nn.Module]]:
-        return [("encoder", model.encoder), ("decoder", model.decoder)]
+        """Every linear layer of the ladders (the step's autocast wrapper takes one tensor in and one out; the ladder
+        modules take several: a facet's rung weight and the deepest facet's z)."""
+        enc, dec = model.encoder, model.decoder
+        for j, (block, head) in enumerate(zip(enc.blocks, enc.heads, strict=True)):
+            yield f"encoder.blocks[{j}]", block
+            yield f"encoder.heads[{j}]", head
+        yield "decoder.top", dec.top
+        for j, (down, rung) in enumerate(zip(dec.down, dec.rungs, strict=True)):
+            yield f"decoder.down[{j}]", down
+            yield f"decoder.rungs[{j}]", rung
+        yield "decoder.mid", dec.mid
+        yield "decoder.out", dec.out
 
     def describe(self, cfg: TrainConfig, data_info: dict) -> str:
         m: MFCVAEConfig = cfg.model

@@ -122,3 +122,12 @@ def test_bad_mfcvae_settings_are_refused_by_name():
     assert parse_clusters("40") == 40 and parse_clusters("25,25") == [25, 25]
     result = CliRunner().invoke(app, ["train", "facetdigits", "--model", "mfcvae", "--mfcvae-set", "z_dims=5"])
     assert result.exit_code != 0 and "must list 2 integers" in result.output.replace("\n", "")
+
+
+def test_amp_and_a_streaming_loader_train_mfcvae(data, tmp_path):
+    from cmvae_engine.engine.config import StepConfig
+
+    cfg = _config(data, tmp_path / "amp", step=StepConfig(amp=True))
+    cfg.data.loader, cfg.data.workers, cfg.optim.epochs = "files", 0, 1
+    last = trainer.train(cfg, QUIET)
+    assert last["step"] == 6 and abs(last["train_loss"]) < 1e6 and last["valid_bound"] == last["valid_bound"]

@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -56,9 +59,13 @@ def _sample_load(samples: list, stop: threading.Event, t0: float) -> None:
         samples.append([round(time.perf_counter() - t0, 1), *os.getloadavg()])
 
 
-def train(seed: int, out: Path, extra: list[str]) -> None:
-    from cmvae_engine.engine.cli import app
+def _cli() -> str:
+    """The `cmvae-engine` script of this environment (the command line is a floor above bench: run, not imported)."""
+    beside = Path(sys.executable).parent / "cmvae-engine"
+    return str(beside) if beside.is_file() else (shutil.which("cmvae-engine") or "cmvae-engine")
 
+
+def train(seed: int, out: Path, extra: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     args = ["train", *TRAIN_FLAGS, "--seed", str(seed), "--out", str(out), *extra]
     samples: list = []
@@ -68,7 +75,7 @@ def train(seed: int, out: Path, extra: list[str]) -> None:
     thread = threading.Thread(target=_sample_load, args=(samples, stop, t0), daemon=True)
     thread.start()
     try:
-        app(args, standalone_mode=False)
+        subprocess.run([_cli(), *args], check=True)
     finally:
         stop.set()
         thread.join()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cmvae_engine.engine.checkpoint import atomic_write_json
+from cmvae_engine.engine.checkpoint import atomic_write_json, load_checkpoint
 from cmvae_engine.engine.run_info import cpu_name, git_commit
 
 CAPTURED, NOT_CAPTURED = 0.8, 0.15
@@ -94,8 +94,13 @@ def collect(runs: list[Path], out: Path) -> dict:
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         load = json.loads((run / "load.json").read_text()) if (run / "load.json").is_file() else None
         seed = json.loads((run / "config.json").read_text())["config"]["seed"]
-        row = {"run": str(run), "seed": seed, "train_seconds": metrics[-1]["elapsed_s"], "epochs": metrics[-1]["epoch"],
-               "steps": metrics[-1]["step"]}
+        state = load_checkpoint(run / "checkpoint.pt")["state"]
+        # a run stopped by the time budget (SIGTERM: a checkpoint, no final metrics row) ends at its checkpoint
+        row = {"run": str(run), "seed": seed, "steps": state["step"], "epochs_completed": state["epoch"],
+               "wall_seconds": load["wall_s"] if load else metrics[-1]["elapsed_s"],
+               "valid_curve": [{k: v for k, v in m.items() if k.startswith("valid_") or k in ("epoch", "step",
+                                                                                               "elapsed_s")}
+                               for m in metrics if "valid_bound" in m]}
         if load:
             loads = [s[1] for s in load["samples"]]
             row["load1_mean"] = sum(loads) / len(loads)

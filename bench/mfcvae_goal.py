@@ -2,7 +2,7 @@
 over several seeds, each factor is captured by one facet (NMI >= 0.8 between that facet's assignment and the factor)
 and by no other facet (NMI <= 0.15), and no facet captures two factors.
 
-    python -m cmvae_engine.bench.mfcvae_goal train --seed 0 --out runs/mfcvae-goal/s0 [extra train flags]
+    python -m cmvae_engine.bench.mfcvae_goal train --seed 0 --out runs/mfcvae-goal/s0 --budget 900 [train flags]
     python -m cmvae_engine.bench.mfcvae_goal collect runs/mfcvae-goal/s0 runs/mfcvae-goal/s1 ... --json FILE
 
 `train` runs `cmvae-engine train facetdigits --model mfcvae ...` (TRAIN_FLAGS, then the extra flags) in this
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -65,7 +66,8 @@ def _cli() -> str:
     return str(beside) if beside.is_file() else (shutil.which("cmvae-engine") or "cmvae-engine")
 
 
-def train(seed: int, out: Path, extra: list[str]) -> None:
+def train(seed: int, out: Path, extra: list[str], budget: float | None = None) -> None:
+    """Train one seed; with `budget` (seconds), stop it then with SIGTERM (the loop checkpoints and exits)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     args = ["train", *TRAIN_FLAGS, "--seed", str(seed), "--out", str(out), *extra]
     samples: list = []
@@ -74,13 +76,21 @@ def train(seed: int, out: Path, extra: list[str]) -> None:
     samples.append([0.0, *os.getloadavg()])
     thread = threading.Thread(target=_sample_load, args=(samples, stop, t0), daemon=True)
     thread.start()
+    stopped = False
+    proc = subprocess.Popen([_cli(), *args])
     try:
-        subprocess.run([_cli(), *args], check=True)
+        proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
     finally:
         stop.set()
         thread.join()
         samples.append([round(time.perf_counter() - t0, 1), *os.getloadavg()])
         atomic_write_json(out / "load.json", {"command": "cmvae-engine " + " ".join(args), "wall_s": samples[-1][0],
+                                              "budget_s": budget, "stopped_by_budget": stopped,
+                                              "exit_code": proc.returncode,
                                               "columns": ["seconds", "load1", "load5", "load15"],
                                               "samples": samples})
 
@@ -133,12 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     p_train = sub.add_parser("train", help="train one seed (extra arguments go to `cmvae-engine train`)")
     p_train.add_argument("--seed", type=int, required=True)
     p_train.add_argument("--out", type=Path, required=True)
+    p_train.add_argument("--budget", type=float, default=None, help="seconds of training, then SIGTERM")
     p_collect = sub.add_parser("collect", help="evaluate runs and write the result JSON")
     p_collect.add_argument("runs", type=Path, nargs="+")
     p_collect.add_argument("--json", type=Path, required=True)
     args, extra = parser.parse_known_args(argv)
     if args.cmd == "train":
-        train(args.seed, args.out, extra)
+        train(args.seed, args.out, extra, args.budget)
     else:
         if extra:
             parser.error(f"unknown arguments {extra}")

@@ -95,3 +95,13 @@ def model_config_from_dict(d: dict, where: str = "model"):
     cls = MODEL_CONFIGS[kind]
     unknown_keys(d, [f.name for f in fields(cls)], where)
     return cls(**d)
+
+
+def _register_families() -> None:
+    """Model families whose config lives in their own subpackage."""
+    from cmvae_engine.cmvae.mfcvae.config import MFCVAEConfig
+
+    MODEL_CONFIGS["mfcvae"] = MFCVAEConfig
+
+
+_register_families()

@@ -140,6 +140,10 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
         notes.append(f"{PRUNED} is older than {CHECKPOINT} (training went on after pruning): prune again")
     device = resolve_device(cfg.device)
     run = load_run(run_dir, checkpoint=ckpt, device=device)
+    if run.config.model.kind == "mfcvae":  # facets x factors, per-facet probes (engine/mfcvae_eval.py)
+        from cmvae_engine.engine.mfcvae_eval import run_mfcvae_eval
+
+        return run_mfcvae_eval(cfg, run, ckpt, device, console)
     model, mcfg = run.model, run.config.model
     data_root = cfg.data_root or run.config.data.data_root
     root = resolve_dataset(run.config.data.dataset, data_root=data_root)

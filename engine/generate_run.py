@@ -50,6 +50,11 @@ def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None,
     dev = resolve_device(device)
     ckpt = model_checkpoint(run_dir, console)
     run = load_run(run_dir, checkpoint=ckpt, device=dev)
+    out = Path(out) if out is not None else run_dir / "generated"
+    if run.config.model.kind == "mfcvae":  # per-facet cluster grids and the facet swap (engine/mfcvae_generate.py)
+        from cmvae_engine.engine.mfcvae_generate import generate_mfcvae
+
+        return generate_mfcvae(run, ckpt, out, n=n, seed=seed, device=dev, data_root=data_root, console=console)
     model, m = run.model, run.config.model.n_modalities
     names = modality_names(run_dir, m)
     out = Path(out) if out is not None else run_dir / "generated"

@@ -639,6 +639,12 @@ def summary_cards(rows: list[dict], prune: dict | None, evaluation: dict | None)
     return _cards([c for c in cards if c[1] is not None])
 
 
+def mfcvae_section(run_dir: Path, cfg: dict | None, evaluation: dict | None) -> str:
+    from cmvae_engine.engine.report_mfcvae import mfcvae_section as section
+
+    return section(run_dir, cfg, evaluation)
+
+
 def build_report(run_dir: str | Path) -> str:
     """The HTML text of a run's report."""
     run_dir = Path(run_dir)
@@ -674,6 +680,7 @@ def build_report(run_dir: str | Path) -> str:
         config_section(cfg, data),
         training_section(rows, log),
         metrics_section(rows, evaluation),
+        mfcvae_section(run_dir, cfg, evaluation),
         clusters_section(evaluation, prune, clusters),
         prune_section(run_dir, prune),
         samples_section(run_dir),

@@ -202,8 +202,8 @@ BAD_CASES: dict[str, tuple[Mutation, str, str]] = {
         "test/labels.npy",
         "astype(np.int64)",
     ),
-    "labels 2-D": (
-        lambda r: _save(r / "test/labels.npy", np.zeros((5, 1), np.int64)),
+    "labels 3-D": (
+        lambda r: _save(r / "test/labels.npy", np.zeros((5, 1, 1), np.int64)),
         "test/labels.npy",
         "ravel()",
     ),

@@ -4,7 +4,7 @@ Layout::
 
     {root}/manifest.json          optional: name, modalities, label_names, plus free extra keys
     {root}/{split}/m{k}.npy       uint8 [N, C, H, W], one file per modality, same N in all
-    {root}/{split}/labels.npy     optional integer [N]
+    {root}/{split}/labels.npy     optional integer [N], or [N, F] for F labelled factors (names: manifest "factors")
 
 with splits ``train`` and ``test`` required and ``valid`` optional.
 """
@@ -31,7 +31,7 @@ IMAGE_SIZE = 28
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _MODALITY_FILE = re.compile(r"^m(0|[1-9][0-9]*)\.npy$")
-_KNOWN_MANIFEST_KEYS = {"name", "modalities", "label_names", "format_version"}
+_KNOWN_MANIFEST_KEYS = {"name", "modalities", "label_names", "format_version", "factors"}
 
 CREATE_HINT = (
     "create a data set with `cmvae-engine data synth polydigits` (built in, offline) or "
@@ -81,6 +81,8 @@ class MultimodalDataset:
     splits: dict[str, MultimodalSplit]
     # Manifest keys we do not interpret ourselves, e.g. polydigits' "generator" parameters.
     extra: dict[str, Any] = field(default_factory=dict)
+    factors: list[str] | None = None
+    """Names of the labelled factors, one per column of labels.npy (None: the data set has no labels)."""
 
     def split(self, name: str) -> MultimodalSplit:
         if name not in self.splits:
@@ -113,6 +115,7 @@ def write_dataset(
     modality_names: list[str] | None = None,
     label_names: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    factors: list[str] | None = None,
 ) -> Path:
     """Write ``splits`` under ``root`` in our format and return ``root``.
 
@@ -128,6 +131,8 @@ def write_dataset(
             f"{len(modality_names)} modality names given for {n_modalities} modalities",
             fix="pass one name per modality array",
         )
+    if factors is not None:
+        check_factors(splits, factors, root)
     reserved = _KNOWN_MANIFEST_KEYS & set(extra or {})
     if reserved:
         raise DataError(
@@ -152,6 +157,7 @@ def write_dataset(
         "name": name,
         "modalities": modality_names,
         "label_names": None if label_names is None else list(label_names),
+        **({} if factors is None else {"factors": list(factors)}),
         **(extra or {}),
     }
     text = json.dumps(manifest, indent=2) + "\n"
@@ -246,7 +252,7 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
         raise DataError(f"must hold a JSON object, found {type(manifest).__name__}", path=path, fix=fix_json)
     if "name" in manifest and not isinstance(manifest["name"], str):
         raise DataError("field `name` must be a string", path=path, fix='write e.g. "name": "polymnist"')
-    for key in ("modalities", "label_names"):
+    for key in ("modalities", "label_names", "factors"):
         value = manifest.get(key)
         if value is None:
             continue
@@ -287,6 +293,7 @@ def read_dataset(root: str | Path, *, mmap: bool = False) -> MultimodalDataset:
     if label_names is not None:
         for split_name, split in splits.items():
             _check_label_names(split, label_names, root / split_name / "labels.npy", root / MANIFEST)
+    factors = check_factors(splits, None if manifest is None else manifest.get("factors"), root)
     names = None if manifest is None else manifest.get("modalities")
     return MultimodalDataset(
         root=root,
@@ -295,6 +302,7 @@ def read_dataset(root: str | Path, *, mmap: bool = False) -> MultimodalDataset:
         label_names=label_names,
         splits=splits,
         extra={k: v for k, v in (manifest or {}).items() if k not in _KNOWN_MANIFEST_KEYS},
+        factors=factors,
     )
 
 
@@ -419,11 +427,14 @@ def _check_same_image_shape(array: np.ndarray, train: np.ndarray, path: Path) ->
 
 
 def _check_labels(labels: np.ndarray, n: int, path: Path) -> None:
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] < 1) \
+            or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
-            f"labels have shape {tuple(labels.shape)} and dtype {labels.dtype}, expected a 1-D integer array",
+            f"labels have shape {tuple(labels.shape)} and dtype {labels.dtype}, expected an integer array of shape "
+            "(N,) (one factor) or (N, F) (F labelled factors)",
             path=path,
-            fix="save class indices, e.g. np.save(path, y.astype(np.int64).ravel()), or delete labels.npy",
+            fix="save class indices, e.g. np.save(path, y.astype(np.int64).ravel()), or one column per factor "
+                "(np.stack([y0, y1], axis=1)) with their names in the manifest's `factors`; or delete labels.npy",
         )
     if labels.shape[0] != n:
         raise DataError(
@@ -442,7 +453,7 @@ def _check_labels(labels: np.ndarray, n: int, path: Path) -> None:
 def _check_label_names(
     split: MultimodalSplit, label_names: list[str], labels_path: Path, manifest: Path
 ) -> None:
-    if split.labels is None or split.labels.size == 0:
+    if split.labels is None or split.labels.size == 0 or split.labels.ndim == 2:  # names of factor 0's classes only
         return
     top = int(split.labels.max())
     if top >= len(label_names):
@@ -485,3 +496,38 @@ def fingerprint(data: MultimodalDataset, rows: int = 64) -> str:
         h.update(np.ascontiguousarray(array[:rows]).tobytes())
         h.update(np.ascontiguousarray(array[-1:]).tobytes())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- factors
+
+
+def factor_columns(labels: np.ndarray) -> np.ndarray:
+    """labels.npy as [N, F] (a 1-D file is one factor)."""
+    return labels[:, None] if labels.ndim == 1 else labels
+
+
+def check_factors(splits: dict[str, MultimodalSplit], names: list[str] | None, root: Path) -> list[str] | None:
+    """The factor names of a data set: every labelled split has the same number of columns F, and the manifest's
+    `factors` (optional: default f0..f{F-1}, or `class` for 1-D labels) lists exactly F names."""
+    widths = {s: factor_columns(split.labels).shape[1] for s, split in splits.items() if split.labels is not None}
+    if not widths:
+        return None if names is None else list(names)
+    first = next(iter(widths))
+    for split_name, f in widths.items():
+        if f != widths[first]:
+            raise DataError(
+                f"holds {f} factor columns but {first}/labels.npy holds {widths[first]}",
+                path=root / split_name / "labels.npy",
+                fix="give every split's labels.npy the same factor columns, in the same order",
+            )
+    f = widths[first]
+    if names is None:
+        return ["class"] if splits[first].labels.ndim == 1 else [f"f{i}" for i in range(f)]
+    if len(names) != f:
+        raise DataError(
+            f"field `factors` lists {len(names)} names ({', '.join(names)}) but {first}/labels.npy holds {f} factor "
+            f"column{'s' if f != 1 else ''}",
+            path=root / MANIFEST,
+            fix="list one name per column of labels.npy in `factors` (in column order), or remove the field",
+        )
+    return list(names)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "CMVAE_DATA_DIR"
 DEFAULT_MODALITIES = 5
-KNOWN_NAMES = ("polydigits", "polymnist")
+KNOWN_NAMES = ("polydigits", "polymnist", "facetdigits")
 _FORMAT = (
     "a folder with train/ and test/ (optional valid/) holding m0.npy, m1.npy, ... (uint8 N x C x 28 x 28), "
     "optional labels.npy, plus an optional manifest.json"
@@ -44,6 +44,8 @@ def resolve_dataset(
         return _polydigits(root, n_modalities, seed, progress)
     if name_or_path == "polymnist":
         return _polymnist(root, seed, progress)
+    if name_or_path == "facetdigits":
+        return _facetdigits(root, seed, progress)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise DataError(
@@ -84,3 +86,19 @@ def _polymnist(root: Path, seed: int, progress: ProgressFn | None) -> Path:
             "`cmvae-engine data convert polymnist SRC DST` and pass DST; nothing is downloaded at run time"
         ),
     )
+
+
+def _facetdigits(root: Path, seed: int, progress: ProgressFn | None) -> Path:
+    """The two-factor set of cmvae/data/facetdigits.py, synthesised on first use (and when its cache is stale)."""
+    from cmvae_engine.cmvae.data.facetdigits import generator_params as facet_params
+    from cmvae_engine.cmvae.data.facetdigits import synth_facetdigits
+
+    folder = root / "facetdigits"
+    try:
+        found = (read_manifest(folder) or {}).get("generator")
+    except DataError:
+        found = None
+    if found == facet_params(seed=seed):
+        return folder
+    log.info("synthesising facetdigits (seed=%d) in %s", seed, folder)
+    return synth_facetdigits(folder, seed=seed, progress=progress)

@@ -24,7 +24,7 @@ from cmvae_engine.engine.cli.shard_cmd import shard_command
 
 data_app = typer.Typer(help="Create, convert and inspect data sets.", no_args_is_help=True)
 data_app.command("shard")(shard_command)
-SYNTHETIC = ("polydigits",)
+SYNTHETIC = ("polydigits", "facetdigits")
 CONVERTIBLE = ("polymnist",)
 EXIT_DATA_ERROR = 2
 
@@ -81,6 +81,13 @@ def synth(
         out = default_data_root() / (name if modalities == 5 else f"{name}-m{modalities}")
     from cmvae_engine.engine.progress import Board
 
+    if name == "facetdigits":  # one modality, two labelled factors (cmvae/data/facetdigits.py)
+        from cmvae_engine.cmvae.data.facetdigits import synth_facetdigits
+
+        with Board(_console()) as board, board.phase(f"synthesising {name} into {out}") as bar:
+            path = synth_facetdigits(out, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed, progress=bar)
+        _console().print(f"wrote {name} (1 modality, factors digit x colour) to {path}", markup=False)
+        return
     with Board(_console()) as board, board.phase(f"synthesising {name} into {out}") as bar:
         path = synth_polydigits(
             out, n_modalities=modalities, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed,
@@ -178,6 +185,10 @@ def _shapes(split: MultimodalSplit) -> str:
 def _label_counts(split: MultimodalSplit, label_names: list[str] | None) -> str:
     if split.labels is None:
         return "unlabelled"
+    if split.labels.ndim == 2:  # several factors: the counts of each column
+        return "; ".join(f"f{j}: " + _label_counts(MultimodalSplit(split.modalities, split.labels[:, j]),
+                                                    label_names if j == 0 else None)
+                         for j in range(split.labels.shape[1]))
     classes, counts = np.unique(split.labels, return_counts=True)
     names = [label_names[c] if label_names and c < len(label_names) else str(c) for c in classes]
     return " ".join(f"{name}:{count}" for name, count in zip(names, counts, strict=True))

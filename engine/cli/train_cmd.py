@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cmvae_engine.cmvae.config import ModelConfig
+from cmvae_engine.engine.cli.mfcvae_flags import mfcvae_model_config, parse_clusters
 from cmvae_engine.engine.config import (
     CheckpointConfig,
     ConfigError,
@@ -46,7 +47,8 @@ def train_flags(
     amsgrad: Annotated[bool, Opt("--amsgrad/--no-amsgrad", help="The AMSGrad variant of Adam (the reference: on).")]
     = True,
     beta: Annotated[float, Opt(help="Weight of the latent terms.")] = 2.5,
-    clusters: Annotated[int, Opt("--clusters", "-k", help="Mixture components K.")] = 40,
+    clusters: Annotated[str, Opt("--clusters", "-k", help="Mixture components K (mfcvae: one per facet, K1,K2; "
+                                                          "one K for all).")] = "40",
     z_dim: Annotated[int, Opt(help="Shared latent size Dz.")] = 32,
     w_dim: Annotated[int, Opt(help="Private latent size Dw.")] = 32,
     family: Annotated[str, Opt(help="Latent family: laplace | normal.")] = "laplace",
@@ -61,7 +63,11 @@ def train_flags(
     samples: Annotated[int, Opt("--samples", "-S", help="Importance samples per datapoint.")] = 1,
     width: Annotated[float, Opt(help="Network width multiplier; < 1 is a reduced model.")] = 1.0,
     learn_scales: Annotated[bool, Opt(help="Learn the cluster scales.")] = False,
-    model: Annotated[str, Opt(help="cmvae | mmvaeplus (K=1, fixed zero-mean prior).")] = "cmvae",
+    model: Annotated[str, Opt(help="cmvae | mmvaeplus (K=1, fixed zero-mean prior) | mfcvae (multi-facet "
+                                   "clustering, single modality).")] = "cmvae",
+    facets: Annotated[int, Opt(help="mfcvae: facets J (clusterings of the data).")] = 2,
+    mfcvae_set: Annotated[str, Opt(help="mfcvae settings, key=value,... (lists colon-separated, e.g. "
+                                        "z_dims=5:5,solo_steps=600,fade_steps=600).")] = "",
     max_steps: Annotated[int | None, Opt(help="Stop after this many steps.")] = None,
     drop_last: Annotated[bool, Opt(help="Drop the last partial batch.")] = False,
     eval_every: Annotated[int, Opt(help="Epochs between test evaluations (0: none).")] = 1,
@@ -108,14 +114,16 @@ def train_flags(
 ) -> TrainConfig:
     """Train a CMVAE (or MMVAE+) with the reference defaults of the paper's PolyMNIST run."""
     flags = {k: v for k, v in locals().items() if k != "ctx"}
+    flags["clusters"] = parse_clusters(flags["clusters"])  # K, or one K per facet (mfcvae)
     return config_from_flags(flags, explicit_flags(ctx, flags))
 
 
 def _build(f: dict, fast_base: FastRecipeConfig | None = None) -> TrainConfig:
     """The TrainConfig the flags describe on their own (every value checked)."""
     return TrainConfig(
-        model=ModelConfig(kind=f["model"], n_clusters=f["clusters"], z_dim=f["z_dim"], w_dim=f["w_dim"],
-                          family=f["family"], width=f["width"], learn_scales=f["learn_scales"]),
+        model=mfcvae_model_config(f) if f["model"] == "mfcvae" else
+        ModelConfig(kind=f["model"], n_clusters=f["clusters"], z_dim=f["z_dim"], w_dim=f["w_dim"],
+                    family=f["family"], width=f["width"], learn_scales=f["learn_scales"]),
         data=DataConfig(dataset=f["dataset"], data_root=f["data_root"], drop_last=f["drop_last"], loader=f["loader"],
                         workers=f["workers"], shard_dir=f["shard_dir"], shuffle_buffer=f["shuffle_buffer"]),
         optim=OptimConfig(lr=f["lr"], amsgrad=f["amsgrad"], batch_size=f["batch_size"], epochs=f["epochs"],
@@ -146,6 +154,7 @@ def option_fields() -> dict[str, str]:
     for section, cls in TrainConfig.SECTIONS.items():
         fields.update({_option(flag): f"{section}.{name}" for name, flag in getattr(cls, "FLAGS", {}).items()})
     fields.update({f: "fast" for f in _FAST_FLAGS})
+    fields["facets"] = "model.n_facets"
     return fields
 
 

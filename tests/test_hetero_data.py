@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cubicc_fixture import LENGTH, WORDS, write_cubicc
 
 from cmvae_engine.cmvae.data import DataError, MultimodalSplit, read_dataset, write_dataset
 from cmvae_engine.cmvae.data.cubicc import convert_cubicc
 from cmvae_engine.cmvae.data.kinds import image_spec, text_spec
 from cmvae_engine.cmvae.data.polydigits_captions import DIGIT_WORDS, make_captions, vocabulary
-
-from cubicc_fixture import LENGTH, WORDS, write_cubicc
 
 VOCAB = ["<pad>", "<eos>", "a", "red", "bird"]
 

@@ -120,7 +120,14 @@ def save_grid_with_text(path: str | Path, images: torch.Tensor, texts: list[str]
 
 
 def _fit(draw, text: str, font) -> str:
-    """The text, cut with an ellipsis to the caption column's width."""
-    while text and draw.textbbox((0, 0), text, font=font)[2] > TEXT_COLUMN - 12:
-        text = text[:-4] + "..."
-    return text
+    """The text, cut with an ellipsis to the caption column's width (bisection: a few text measurements)."""
+    def fits(t: str) -> bool:
+        return draw.textbbox((0, 0), t, font=font)[2] <= TEXT_COLUMN - 12
+
+    if fits(text):
+        return text
+    lo, hi = 0, len(text)  # text[:lo] + "..." fits, text[:hi] + "..." does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(text[:mid] + "...") else (lo, mid)
+    return text[:lo] + "..."

@@ -11,22 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from cmvae_engine.cmvae.data.format import read_vocabs
+from cmvae_engine.cmvae.evaluation.caption_naming import caption_words
 from cmvae_engine.cmvae.hetero import HeteroCMVAE
 from cmvae_engine.cmvae.modalities import Modalities
-
-
-def caption_words(tokens: torch.Tensor, words: list[str], pad_id: int, end_id: int) -> list[str]:
-    """Token ids [N, L] -> N strings: the words up to (not including) the first end token, padding dropped."""
-    out = []
-    for row in tokens.tolist():
-        kept = []
-        for t in row:
-            if t == end_id:
-                break
-            if t != pad_id:
-                kept.append(words[t] if 0 <= t < len(words) else f"<{t}?>")
-        out.append(" ".join(kept))
-    return out
 
 
 class CaptionView:
@@ -94,3 +81,47 @@ def save_training_outputs(model: HeteroCMVAE, view: CaptionView, test: Modalitie
     save_grid_with_text(out / "samples.png", torch.stack(rows), lines, row_labels=cluster_labels(order, mass),
                         title=f"{len(order)} clusters by prior mass; 4 samples each (images, then their captions)")
     return ["recon.png", "samples.png"]
+
+
+@torch.no_grad()
+def generate_grids(model: HeteroCMVAE, view: CaptionView, test: Modalities, out: Path, g: torch.Generator,
+                   order: list[int], mass: list[float], names: list[str], n: int, stage: str,
+                   cluster: int | None = None) -> dict[str, dict]:
+    """`cmvae-engine generate` for images + captions: unconditional.png (or cluster_{c}.png) and conditional_m{s}.png,
+    captions as text right of the image tiles; the captions also go into the returned file entries."""
+    from cmvae_engine.cmvae.clustering import to_float
+    from cmvae_engine.engine.images import cluster_labels, save_grid_with_text
+
+    files: dict[str, dict] = {}
+    image_names = [names[m] for m in view.image_ids]
+    rows = order if cluster is None else [cluster]
+    tiles, lines, captions = [], [], {}
+    for c in rows:
+        s = model.generate(n, cluster=c, generator=g)
+        tiles.append(view.images(s).flatten(0, 1))
+        texts = view.row_texts(s)
+        lines.append(" / ".join(texts))
+        captions[str(c)] = texts
+    name = "unconditional.png" if cluster is None else f"cluster_{cluster}.png"
+    save_grid_with_text(out / name, torch.stack(tiles), lines, row_labels=cluster_labels(rows, mass),
+                        title=f"{stage}: one row per cluster; {n} samples of {', '.join(image_names)}, then their "
+                              "captions")
+    files[name] = {"kind": "unconditional" if cluster is None else "cluster", "clusters": rows,
+                   "caption": f"{stage}: one row per cluster (id and prior mass); {n} samples of each image modality "
+                              f"({', '.join(image_names)}), the samples' captions as text on the right",
+                   "captions": captions}
+    if cluster is not None:
+        return files
+    x = to_float(test[:, :n].to(model.prior_logits.device))
+    for src in range(len(names)):
+        gen = model.generate_conditional(x[src], src, generator=g)
+        grid = torch.cat([view.images(x), view.images(gen)], dim=1)
+        texts = [f"{a}  ->  {b}" for a, b in zip(view.row_texts(x), view.row_texts(gen), strict=True)]
+        fname = f"conditional_m{src}.png"
+        save_grid_with_text(out / fname, grid, texts,
+                            title=f"from {names[src]}: test inputs | generated; captions: input -> generated")
+        files[fname] = {"kind": "conditional", "source": src,
+                        "caption": f"rows: {n} test tuples; the input images, then the images generated from "
+                                   f"{names[src]} (w from the prior); captions: input -> generated from {names[src]}",
+                        "captions": texts}
+    return files

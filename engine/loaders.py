@@ -53,7 +53,8 @@ def stack_modalities(modalities: list[np.ndarray]) -> torch.Tensor | Modalities:
     different shapes or kinds -> Modalities (images uint8, token ids int64)."""
     alike = {(np.asarray(m).dtype, tuple(np.asarray(m).shape)) for m in modalities}
     if len(alike) > 1 or any(np.asarray(m).ndim != 4 for m in modalities):
-        return Modalities([torch.from_numpy(np.asarray(m)) if np.asarray(m).dtype == np.uint8
+        # copies, as np.stack does below: memory-mapped files stay untouched and the tensors writable
+        return Modalities([torch.from_numpy(np.array(m)) if np.asarray(m).dtype == np.uint8
                            else torch.from_numpy(np.asarray(m).astype(np.int64)) for m in modalities])
     return torch.from_numpy(np.stack([np.asarray(m) for m in modalities]))
 

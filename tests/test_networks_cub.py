@@ -132,3 +132,16 @@ def test_generation_gives_images_and_token_ids():
     assert s[1].shape == (3, 16) and s[1].dtype == torch.int64 and int(s[1].max()) < 20
     c = model.generate_conditional(_batch(3)[0], source=0)
     assert c[1].shape == (3, 16)
+
+
+def test_step_flops_count_every_network_per_source():
+    from cmvae_engine.engine.hetero_cost import _macs, hetero_step_flops
+
+    cfg = _model().config
+    inputs = (torch.zeros(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.long))
+    enc = [_macs(e, x) for e, x in zip(_model().encoders, inputs, strict=True)]
+    dec = [_macs(d, torch.zeros(1, 12)) for d in _model().decoders]
+    # by hand for the caption decoder's last layer: Linear(128 -> 20) on 16 positions
+    assert dec[1] > 16 * 128 * 20
+    expected = 6.0 * (4 * sum(enc) + 4 * 3 * 2 * sum(dec))  # batch 4, S 3, M 2 sources per target
+    assert hetero_step_flops(cfg, 4, 3) == expected

@@ -148,3 +148,29 @@ def convert_cubicc(src: str | Path, dst: str | Path) -> Path:
         vocabs={1: words},
         extra={"converted_from": {"kind": "cubicc", "source": str(Path(src).absolute())}},
     )
+
+
+def synth_cubicc_shaped(dst: str | Path, *, n_train: int = 1024, n_test: int = 256, vocab_size: int = 1590,
+                        length: int = 32, n_classes: int = 8, seed: int = 0) -> Path:
+    """Random data in CUBICC's shapes and with its likelihood settings (64x64 RGB images, captions of `length` ids
+    over `vocab_size` words), for timing the CUBICC-shaped training step where the real data is absent. Its content
+    is noise: never a stand-in for CUBICC's results."""
+    rng = np.random.default_rng(seed)
+    words = [PAD, EOS, *(f"w{i}" for i in range(vocab_size - 2))]
+
+    def split(n: int) -> MultimodalSplit:
+        images = rng.integers(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        captions = rng.integers(2, vocab_size, (n, length)).astype(np.int64)
+        return MultimodalSplit([images, captions], rng.integers(0, n_classes, n).astype(np.int64))
+
+    return write_dataset(
+        dst, {"train": split(n_train), "test": split(n_test)}, name="cubicc-shaped",
+        modality_names=["image", "caption"],
+        specs=[image_spec(likelihood="laplace", likelihood_scale=IMAGE_LAPLACE_SCALE,
+                          llik_scaling=length / (3 * IMAGE_SIZE * IMAGE_SIZE)),
+               text_spec(VOCAB_FILE, pad_id=0, end_id=1, llik_scaling=CAPTION_LLIK_SCALING)],
+        vocabs={1: words},
+        extra={"synthetic": "random content in CUBICC's shapes, for timing only",
+               "generator": {"kind": "cubicc-shaped", "n_train": n_train, "n_test": n_test,
+                             "vocab_size": vocab_size, "length": length, "seed": seed}},
+    )

@@ -19,6 +19,10 @@ def bench_train_command(
     steps: Annotated[int, typer.Option(help="Timed steps per variant.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps first (compilation, autotuning, loader start).")] = 5,
     out: Annotated[str, typer.Option(help="Folder of the JSON result.")] = "bench/results",
+    shape: Annotated[str | None, typer.Option(
+        help="`cubicc`: time the CUBICC-shaped step (64x64 images + 32-token captions over 1590 words, random "
+             "content written to DATA_ROOT/cubicc-shaped) with the reference's CUBICC settings (Normal, Dz 64, Dw 32, "
+             "K 35, beta 1, DReG S=10, batch 32) unless train flags say otherwise.")] = None,
 ) -> None:
     """Samples/s, steps/s, TFLOP/s and peak memory of the optimised engine against the baseline (eager fp32,
     per-pair decoders, plain-torch ops, `files` loader), same config, one run. Train flags may follow
@@ -29,7 +33,10 @@ def bench_train_command(
     console = Console()
     try:
         check_flags(("--steps", steps, COUNT, 20), ("--warmup", warmup, Rule(int, low=0), 5))
-        cfg = parse_train_flags(dataset, list(ctx.args), "cmvae-engine bench train")
+        args = list(ctx.args)
+        if shape is not None:
+            dataset, args = _shaped(shape, args)
+        cfg = parse_train_flags(dataset, args, "cmvae-engine bench train")
         path, rows = bench_train(cfg, steps=steps, warmup=warmup, out_dir=out)
     except (DataError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {e}")
@@ -44,3 +51,22 @@ def bench_train_command(
     speed = rows[-1].get("speedup_vs_baseline")
     if speed:
         console.print(f"optimised / baseline: {speed:.2f}x samples/s -> {path}")
+
+
+CUBICC_FLAGS = ["--family", "normal", "--z-dim", "64", "--w-dim", "32", "--clusters", "35", "--beta", "1",
+                "--objective", "dreg", "--samples", "10", "--batch-size", "32", "--width", "1.0"]
+"""The reference's CUBICC settings (src/train_CMVAE_CUBICC.py and its run script)."""
+
+
+def _shaped(shape: str, args: list[str]) -> tuple[str, list[str]]:
+    """The data folder and train flags of a --shape: the shape's settings first, so flags given after override."""
+    if shape != "cubicc":
+        raise ValueError(f"--shape {shape!r}: the known shape is cubicc")
+    from cmvae_engine.cmvae.data.cubicc import synth_cubicc_shaped
+    from cmvae_engine.cmvae.data.format import read_manifest
+    from cmvae_engine.cmvae.data.resolve import default_data_root
+
+    folder = default_data_root() / "cubicc-shaped"
+    if (read_manifest(folder) if (folder / "manifest.json").is_file() else None) is None:
+        synth_cubicc_shaped(folder)
+    return str(folder), [*CUBICC_FLAGS, *args]

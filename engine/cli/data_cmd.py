@@ -165,6 +165,7 @@ def grid(
 def tuple_grid(split: MultimodalSplit, n: int, pad: int = 2) -> Image.Image:
     """RGB picture of the first ``n`` tuples, rows tuples and columns modalities, on a white grid."""
     n = max(1, min(n, split.n))
+    split = MultimodalSplit([m for m in split.modalities if m.ndim == 4], split.labels)  # captions are not pictures
     shapes = split.image_shapes
     h, w = max(s[1] for s in shapes), max(s[2] for s in shapes)
     canvas = np.full((pad + n * (h + pad), pad + len(shapes) * (w + pad), 3), 255, dtype=np.uint8)

@@ -159,3 +159,16 @@ def test_cubicc_bad_files_are_named(tmp_path, case):
         convert_cubicc(src, tmp_path / "out")
     assert file_named in str(info.value) and needle in str(info.value) and "Fix:" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_cubicc_shaped_data_for_the_bench(tmp_path, monkeypatch):
+    from cmvae_engine.engine.cli.bench_train import CUBICC_FLAGS, _shaped
+
+    monkeypatch.setenv("CMVAE_DATA_DIR", str(tmp_path))
+    folder, args = _shaped("cubicc", ["--width", "0.0625"])
+    data = read_dataset(folder, mmap=True)
+    assert data.split("train").image_shapes == [(3, 64, 64), (32,)] and len(data.vocabs[1]) == 1590
+    assert data.extra["synthetic"].startswith("random content")
+    assert args == [*CUBICC_FLAGS, "--width", "0.0625"]  # given flags come last and override
+    with pytest.raises(ValueError, match="cubicc"):
+        _shaped("svhn", [])

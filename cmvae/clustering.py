@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cmvae_engine.cmvae.distributions import rsample, scale_from_raw
+from cmvae_engine.cmvae.modalities import Modalities
 from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.cmvae.progress import ProgressFn, batches, report
 
@@ -22,7 +23,9 @@ class SplitLatents:
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1]; float input passes through."""
+    """uint8 images -> float in [0, 1]; float input (and token ids) pass through; Modalities part by part."""
+    if isinstance(x, Modalities):
+        return x.map(to_float)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 

@@ -46,6 +46,10 @@ class ModelConfig:
     """Cluster means start U(-a, a) (reference: 1.0 PolyMNIST, 0.5 CUBICC)."""
     image_channels: int = 3
     """Channels of every modality's images (1 grey, 3 RGB); the data decides it when training."""
+    modalities: list | None = None
+    """Heterogeneous data (images of other sizes, captions): one spec per modality ({"kind": "image", "channels",
+    "size", "likelihood", "likelihood_scale", "llik_scaling"} or {"kind": "text", "length", "vocab_size", "pad_id",
+    "end_id", "llik_scaling"}); the data decides it when training (cmvae/hetero.py). None: M alike 28x28 images."""
 
     FLAGS: ClassVar[dict[str, str]] = {"kind": "--model", "n_clusters": "--clusters", "z_dim": "--z-dim",
                                        "w_dim": "--w-dim", "family": "--family", "width": "--width",
@@ -70,6 +74,8 @@ class ModelConfig:
             "learn_scales": Rule(bool), "prior_mean_init": Rule(float, low=0),
             "image_channels": Rule(IMAGE_CHANNELS, fix="convert the images to grey (1 channel) or RGB (3 channels)"),
         }, section="model", flags=self.FLAGS)
+        if self.modalities is not None:
+            check_modality_specs(self.modalities, self.n_modalities)
 
     @property
     def reduced(self) -> bool:
@@ -78,6 +84,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_SPEC_FIELDS = {"image": {"kind", "channels", "size", "likelihood", "likelihood_scale", "llik_scaling"},
+                "text": {"kind", "length", "vocab_size", "pad_id", "end_id", "llik_scaling"}}
+
+
+def check_modality_specs(specs: list, n_modalities: int) -> None:
+    """The model's per-modality specs (written by the training task from the data): shape and fields."""
+    if not isinstance(specs, list) or len(specs) != n_modalities:
+        raise ConfigError(f"model.modalities must be a list of {n_modalities} specs (one per modality)")
+    for k, spec in enumerate(specs):
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in _SPEC_FIELDS or set(spec) != _SPEC_FIELDS[kind]:
+            want = " or ".join(sorted(f"{sorted(v)}" for v in _SPEC_FIELDS.values()))
+            raise ConfigError(f"model.modalities[{k}] must hold exactly the keys {want}, got {spec!r}")
 
 
 MODEL_CONFIGS: dict[str, type] = {"cmvae": ModelConfig, "mmvaeplus": ModelConfig}

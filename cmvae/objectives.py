@@ -57,7 +57,8 @@ def log_weights(
     fam = cfg.family
     recons = model.decode_all(lat)
     # loglik[m, s, b] = sum over target modalities n of log p_n(x_n | decoded from source m)
-    loglik = sum(
+    own_likelihoods = getattr(model, "reconstruction_loglik", None)  # heterogeneous modalities (cmvae/hetero.py)
+    loglik = own_likelihoods(recons, x) if own_likelihoods is not None else sum(
         kernels.image_loglik(recons[n], x[n], cfg.likelihood_scale, cfg.likelihood) for n in range(cfg.n_modalities)
     ) * cfg.llik_scaling
 

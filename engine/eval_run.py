@@ -26,6 +26,7 @@ from cmvae_engine.cmvae.evaluation.classifier import (
 from cmvae_engine.cmvae.evaluation.clustering import clustering_evaluation
 from cmvae_engine.cmvae.evaluation.coherence import conditional_coherence, unconditional_coherence
 from cmvae_engine.cmvae.evaluation.latent_probe import latent_classification, subsample
+from cmvae_engine.cmvae.hetero import HeteroCMVAE
 from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.loaders import stack_modalities
 from cmvae_engine.engine.progress import Board, format_duration
@@ -227,6 +228,8 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
             result["coherence"] = coh
             timings["coherence_s"] = time.perf_counter() - t
             _section_done(result, "coherence", timings["coherence_s"], console)
+        if labels is not None and isinstance(model, HeteroCMVAE):
+            _caption_naming(model, images, labels, ds, result, timings, board, console, cfg, device)
         if do_latent:
             t = time.perf_counter()
             # Subsample before stacking: the whole PolyMNIST train split is ~706 MB as uint8.
@@ -259,6 +262,28 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
     render_notes(result, console)
     console.print(f"wrote {run_dir / EVAL_JSON} in {format_duration(timings['total_s'])}", markup=False)
     return result
+
+
+def _caption_naming(model, images, labels, ds, result, timings, board, console, cfg, device) -> None:
+    """Images + captions whose class names are caption words: how often captions generated from images name the
+    right class (cmvae/evaluation/caption_naming.py)."""
+    from cmvae_engine.cmvae.evaluation.caption_naming import applicable, caption_naming
+
+    texts = [m for m, s in enumerate(model.specs) if s["kind"] == "text"]
+    if not texts or not all(applicable(ds.label_names, ds.vocabs[m]) for m in texts):
+        return
+    t = time.perf_counter()
+    with board.phase("captions generated from images: do they name the class?", done_line=False) as bar:
+        result["caption_naming"] = caption_naming(model, images, labels, ds.label_names, ds.vocabs,
+                                                  batch_size=cfg.batch_size, generator=_generator(device, cfg.seed + 4),
+                                                  progress=bar)
+    timings["caption_naming_s"] = time.perf_counter() - t
+    cn = result["caption_naming"]
+    console.print(f"Captions generated from images that name the right class: {cn['rate']:.3f} ("
+                  + ", ".join(f"{k} {v:.3f}" for k, v in cn["pairs"].items()) + f"; {cn['n']} tuples)",
+                  markup=False)
+    for ex in cn["examples"][:4]:
+        console.print(f'  m{ex["source"]} ({ex["label"]}) -> "{ex["caption"]}"', markup=False)
 
 
 def _section_done(result: dict, key: str, seconds: float, console: Console) -> None:

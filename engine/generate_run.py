@@ -16,6 +16,7 @@ from rich.console import Console
 
 from cmvae_engine.cmvae.clustering import to_float
 from cmvae_engine.cmvae.generation import cluster_grid, cluster_order, conditional_grid, unconditional_grid
+from cmvae_engine.cmvae.hetero import HeteroCMVAE
 from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.images import cluster_labels, save_grid
 from cmvae_engine.engine.progress import Board
@@ -68,7 +69,18 @@ def generate_run(run_dir: str | Path, *, n: int = 8, cluster: int | None = None,
     files: dict[str, dict] = {}
     t0 = time.perf_counter()
 
-    if cluster is not None:
+    if isinstance(model, HeteroCMVAE):  # images + captions: captions as text beside the tiles
+        from cmvae_engine.cmvae.data import resolve_dataset
+        from cmvae_engine.engine.hetero_outputs import CaptionView, generate_grids
+
+        if cluster is not None and cluster not in order:
+            raise ValueError(f"--cluster {cluster} is not an active cluster of {run_dir / ckpt}. Fix: pass one of "
+                             f"the active clusters {', '.join(map(str, sorted(order)))}, or leave --cluster out")
+        view = CaptionView.for_data(model, resolve_dataset(run.config.data.dataset,
+                                                           data_root=data_root or run.config.data.data_root))
+        test = load_split(run.config, "test", data_root)[0] if cluster is None else None
+        files = generate_grids(model, view, test, out, g, order, mass, names, n, stage, cluster)
+    elif cluster is not None:
         if cluster not in order:
             raise ValueError(f"--cluster {cluster} is not an active cluster of {run_dir / ckpt}. Fix: pass one of "
                              f"the active clusters {', '.join(map(str, sorted(order)))}, or leave --cluster out")

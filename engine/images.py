@@ -83,3 +83,51 @@ def save_grid(path: str | Path, images: torch.Tensor, scale: int = 2, row_labels
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+TEXT_COLUMN = 520
+"""Pixels of the caption column right of a grid with texts."""
+
+
+def save_grid_with_text(path: str | Path, images: torch.Tensor, texts: list[str], scale: int = 2,
+                        row_labels: list[str] | None = None, title: str | None = None) -> Path:
+    """save_grid, plus one line of text (e.g. the row's captions) right of each row: captions shown as text next
+    to the images they belong to."""
+    if len(texts) != images.shape[0]:
+        raise ValueError(f"{len(texts)} texts for {images.shape[0]} rows")
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.fromarray(grid_array(images))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    try:
+        font = ImageFont.load_default(size=FONT_SIZE - 2)
+    except (TypeError, OSError, ImportError):
+        font = ImageFont.load_default()
+    canvas = Image.new("RGB", (img.width + TEXT_COLUMN, img.height), "white")
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = (img.height - 2 * scale) / max(1, len(texts))
+    line = draw.textbbox((0, 0), "Ag", font=font)[3]
+    for r, text in enumerate(texts):
+        draw.text((img.width + 6, 2 * scale + r * row_h + (row_h - line) / 2), _fit(draw, text, font), fill="black",
+                  font=font)
+    canvas = labelled(canvas, row_labels, title, pad=2 * scale)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _fit(draw, text: str, font) -> str:
+    """The text, cut with an ellipsis to the caption column's width (bisection: a few text measurements)."""
+    def fits(t: str) -> bool:
+        return draw.textbbox((0, 0), t, font=font)[2] <= TEXT_COLUMN - 12
+
+    if fits(text):
+        return text
+    lo, hi = 0, len(text)  # text[:lo] + "..." fits, text[:hi] + "..." does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(text[:mid] + "...") else (lo, mid)
+    return text[:lo] + "..."

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.cmvae.data.format import read_dataset
+from cmvae_engine.cmvae.modalities import Modalities
 
 LOADERS = ("resident", "files", "webdataset", "dali")
 DEFAULT_SHUFFLE_BUFFER = 4096
@@ -47,8 +48,14 @@ class Loader(Protocol):
         ...
 
 
-def stack_modalities(modalities: list[np.ndarray]) -> torch.Tensor:
-    """Per-modality uint8 arrays [N, C, H, W] -> one uint8 tensor [M, N, C, H, W] (no float copy)."""
+def stack_modalities(modalities: list[np.ndarray]) -> torch.Tensor | Modalities:
+    """Per-modality uint8 arrays [N, C, H, W] -> one uint8 tensor [M, N, C, H, W] (no float copy); modalities of
+    different shapes or kinds -> Modalities (images uint8, token ids int64)."""
+    alike = {(np.asarray(m).dtype, tuple(np.asarray(m).shape)) for m in modalities}
+    if len(alike) > 1 or any(np.asarray(m).ndim != 4 for m in modalities):
+        # copies, as np.stack does below: memory-mapped files stay untouched and the tensors writable
+        return Modalities([torch.from_numpy(np.array(m)) if np.asarray(m).dtype == np.uint8
+                           else torch.from_numpy(np.asarray(m).astype(np.int64)) for m in modalities])
     return torch.from_numpy(np.stack([np.asarray(m) for m in modalities]))
 
 
@@ -127,7 +134,7 @@ class ResidentLoader:
 
     def __init__(self, images: torch.Tensor, batch_size: int, *, seed: int = 0, drop_last: bool = False,
                  device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        if images.dtype != torch.uint8 or images.dim() != 5:
+        if not isinstance(images, Modalities) and (images.dtype != torch.uint8 or images.dim() != 5):
             raise ValueError(f"expected uint8 images [M, N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         self.device = torch.device(device)
         self.images = images.to(self.device)

@@ -32,6 +32,10 @@ def step_flops(model: ModelConfig, batch: int, n_samples: int) -> float:
 
     Forward: every encoder (z and w towers) on its modality, every decoder on every source's S*B latents.
     """
+    if getattr(model, "modalities", None) is not None:  # images of other sizes, captions
+        from cmvae_engine.engine.hetero_cost import hetero_step_flops
+
+        return hetero_step_flops(model, batch, n_samples)
     macs = macs_per_sample(model.width, model.z_dim, model.w_dim)
     m = model.n_modalities
     fwd = batch * m * (macs["tower_z"] + macs["tower_w"]) + batch * n_samples * m * m * macs["decoder"]

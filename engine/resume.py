@@ -70,7 +70,7 @@ def _fault(point: str) -> None:
 # max_steps, the speed options of the step, logging, evaluation and checkpoint cadence, the loader).
 _FIXED = ("model", "objective", "n_samples", "beta", "seed", "recipe", "fast", "optim.lr", "optim.amsgrad",
           "optim.batch_size")
-_DATA_DECIDED = ("model.n_modalities", "model.image_channels")
+_DATA_DECIDED = ("model.n_modalities", "model.image_channels", "model.modalities")
 """Set from the data (adapt_config): compared through the data set itself."""
 
 

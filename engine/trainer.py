@@ -22,7 +22,7 @@ from torch import nn
 
 from cmvae_engine import kernels
 from cmvae_engine.cmvae.data import MultimodalDataset, read_dataset, resolve_dataset
-from cmvae_engine.cmvae.data.format import constant_images, fingerprint
+from cmvae_engine.cmvae.data.format import constant_images, fingerprint, modality_info
 from cmvae_engine.engine import distributed, resume
 from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.config import TrainConfig
@@ -90,7 +90,7 @@ def read_data(cfg: TrainConfig, info: DistInfo = DistInfo(), mmap: bool = False,
     meta = {"root": str(Path(root).absolute()), "name": ds.name, "modalities": ds.modality_names,
             "n": {k: s.n for k, s in ds.splits.items()},
             "image_shapes": [list(shape) for shape in ds.splits["train"].image_shapes],
-            "fingerprint": fingerprint(ds)}
+            "fingerprint": fingerprint(ds), "modality_info": modality_info(ds)}
     return ds, meta
 
 

@@ -366,7 +366,7 @@ DATA_CASES = {
     "one modality (cmvae)": (lambda r: write_raw(r, channels=(3,)), [], ["holds 1 modality", "at least 2", "m1.npy"]),
     "one modality (mmvaeplus)": (lambda r: write_raw(r, channels=(3,)), ["--model", "mmvaeplus"],
                                  ["mmvaeplus is a multimodal model"]),
-    "32x32 images": (lambda r: write_raw(r, size=32), [], ["32x32", "28x28"]),
+    "48x48 images": (lambda r: write_raw(r, size=48), [], ["48x48", "28x28"]),
     "float images": (lambda r: write_raw(r, [np.zeros((48, 3, 28, 28), np.float32), None]), [], ["m0.npy", "uint8"]),
     "no such folder": (lambda r: None, [], ["no such folder", "cmvae-engine data synth polydigits"]),
     "a file, not a folder": (lambda r: r.write_text("x"), [], ["no such folder"]),

@@ -156,10 +156,10 @@ BAD_CASES: dict[str, tuple[Mutation, str, str]] = {
         "train/m0.npy",
         "x[:, None]",
     ),
-    "not 28x28": (
-        lambda r: _save(r / "train/m2.npy", np.zeros((6, 3, 32, 32), np.uint8)),
+    "unsupported image size": (
+        lambda r: _save(r / "train/m2.npy", np.zeros((6, 3, 48, 48), np.uint8)),
         "train/m2.npy",
-        "resize the images to 28x28",
+        "resize the images to one of 28x28, 32x32, 64x64",
     ),
     "N differs between modalities": (
         lambda r: _save(r / "valid/m1.npy", np.zeros((3, 3, 28, 28), np.uint8)),

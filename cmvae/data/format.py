@@ -4,7 +4,9 @@ Layout::
 
     {root}/manifest.json          optional: name, modalities, label_names, plus free extra keys
     {root}/{split}/m{k}.npy       uint8 [N, C, H, W], one file per modality, same N in all
+                                  (a `text` modality: integer token ids [N, L]; see kinds.py)
     {root}/{split}/labels.npy     optional integer [N], or [N, F] for F labelled factors (names: manifest "factors")
+    {root}/{vocab}                the vocabulary file of each text modality (manifest `modality_specs`)
 
 with splits ``train`` and ``test`` required and ``valid`` optional.
 """
@@ -24,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from cmvae_engine.cmvae.data.errors import DataError
+from cmvae_engine.cmvae.data.kinds import IMAGE_SIZES, SPECS_FIELD, ModalitySpec, check_text, parse_specs, read_vocab
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_SPLITS = ("train", "test")
@@ -31,7 +34,7 @@ IMAGE_SIZE = 28
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _MODALITY_FILE = re.compile(r"^m(0|[1-9][0-9]*)\.npy$")
-_KNOWN_MANIFEST_KEYS = {"name", "modalities", "label_names", "format_version", "factors"}
+_KNOWN_MANIFEST_KEYS = {"name", "modalities", "label_names", "format_version", "factors", SPECS_FIELD}
 
 CREATE_HINT = (
     "create a data set with `cmvae-engine data synth polydigits` (built in, offline) or "
@@ -56,8 +59,9 @@ class MultimodalSplit:
         return len(self.modalities)
 
     @property
-    def image_shapes(self) -> list[tuple[int, int, int]]:
-        return [(int(m.shape[1]), int(m.shape[2]), int(m.shape[3])) for m in self.modalities]
+    def image_shapes(self) -> list[tuple[int, ...]]:
+        """C x H x W of each image modality (L of a text modality)."""
+        return [tuple(int(s) for s in m.shape[1:]) for m in self.modalities]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -83,6 +87,14 @@ class MultimodalDataset:
     extra: dict[str, Any] = field(default_factory=dict)
     factors: list[str] | None = None
     """Names of the labelled factors, one per column of labels.npy (None: the data set has no labels)."""
+    specs: list[ModalitySpec] | None = None
+    """Kind (and likelihood settings) of each modality; None: all images (a manifest without `modality_specs`)."""
+    vocabs: dict[int, list[str]] = field(default_factory=dict)
+    """Words by token id of each text modality (by modality index)."""
+
+    @property
+    def modality_specs(self) -> list[ModalitySpec]:
+        return self.specs if self.specs is not None else [ModalitySpec() for _ in self.modality_names]
 
     def split(self, name: str) -> MultimodalSplit:
         if name not in self.splits:
@@ -116,6 +128,8 @@ def write_dataset(
     label_names: list[str] | None = None,
     extra: dict[str, Any] | None = None,
     factors: list[str] | None = None,
+    specs: list[ModalitySpec] | None = None,
+    vocabs: dict[int, list[str]] | None = None,
 ) -> Path:
     """Write ``splits`` under ``root`` in our format and return ``root``.
 
@@ -124,7 +138,15 @@ def write_dataset(
     without manifest, which the cache checks in ``resolve`` treat as stale.
     """
     root = Path(root)
-    n_modalities = _check_splits_to_write(splits)
+    vocabs = vocabs or {}
+    if specs is not None:
+        for k, spec in enumerate(specs):
+            if spec.kind == "text" and k not in vocabs:
+                raise DataError(f"text modality m{k} has no vocabulary", fix="pass its words as vocabs={k: [...]}")
+    n_modalities = _check_splits_to_write(splits, specs, {k: len(v) for k, v in vocabs.items()})
+    if specs is not None and len(specs) != n_modalities:
+        raise DataError(f"{len(specs)} modality specs given for {n_modalities} modalities",
+                        fix="pass one spec per modality array")
     modality_names = list(modality_names) if modality_names is not None else _default_names(n_modalities)
     if len(modality_names) != n_modalities:
         raise DataError(
@@ -152,12 +174,16 @@ def write_dataset(
             with contextlib.suppress(OSError):  # not empty: someone else's files, leave them
                 split_dir.rmdir()
 
+    for k, words in vocabs.items():
+        vocab_text = json.dumps(list(words)) + "\n"
+        _atomic_write(root / specs[k].vocab, lambda f, t=vocab_text: f.write(t.encode()))
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "modalities": modality_names,
         "label_names": None if label_names is None else list(label_names),
         **({} if factors is None else {"factors": list(factors)}),
+        **({SPECS_FIELD: [s.to_manifest() for s in specs]} if specs is not None else {}),
         **(extra or {}),
     }
     text = json.dumps(manifest, indent=2) + "\n"
@@ -200,7 +226,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         raise
 
 
-def _check_splits_to_write(splits: dict[str, MultimodalSplit]) -> int:
+def _check_splits_to_write(splits: dict[str, MultimodalSplit], specs: list[ModalitySpec] | None = None,
+                           vocab_sizes: dict[int, int] | None = None) -> int:
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise DataError(f"unknown split names {unknown}", fix=f"use only {', '.join(SPLITS)}")
@@ -219,7 +246,10 @@ def _check_splits_to_write(splits: dict[str, MultimodalSplit]) -> int:
                 fix="give every split the same modalities",
             )
         for k, array in enumerate(split.modalities):
-            _check_images(array, where / f"m{k}.npy")
+            if specs is not None and k < len(specs) and specs[k].kind == "text":
+                check_text(np.asarray(array), where / f"m{k}.npy", (vocab_sizes or {})[k], Path(specs[k].vocab))
+            else:
+                _check_images(array, where / f"m{k}.npy")
             _check_same_n(array, split.modalities[0], where / f"m{k}.npy")
             _check_same_image_shape(array, splits["train"].modalities[k], where / f"m{k}.npy")
         if split.labels is not None:
@@ -266,6 +296,7 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
             raise DataError(
                 f"field `{key}` has duplicate names {value}", path=path, fix="make the names unique"
             )
+    parse_specs(manifest.get(SPECS_FIELD), None, path)
     return manifest
 
 
@@ -284,10 +315,20 @@ def read_dataset(root: str | Path, *, mmap: bool = False) -> MultimodalDataset:
             )
 
     n_modalities = _count_modalities(root, manifest)
+    specs = parse_specs((manifest or {}).get(SPECS_FIELD), n_modalities, root / MANIFEST)
+    vocabs = {k: read_vocab(root / s.vocab) for k, s in enumerate(specs or []) if s.kind == "text"}
+    for k, words in vocabs.items():
+        for key in ("pad_id", "end_id"):
+            token = getattr(specs[k], key)
+            if token >= len(words):
+                raise DataError(f"field `{SPECS_FIELD}[{k}]`: `{key}` {token} is outside the vocabulary "
+                                f"({len(words)} words in {root / specs[k].vocab})", path=root / MANIFEST,
+                                fix=f"give the id of the {key[:-3]} token in that vocabulary")
+    text = {k: (len(words), root / specs[k].vocab) for k, words in vocabs.items()}
     splits: dict[str, MultimodalSplit] = {}
     for split_name in SPLITS:
         if (root / split_name).is_dir():
-            splits[split_name] = _read_split(root / split_name, n_modalities, mmap, splits.get("train"))
+            splits[split_name] = _read_split(root / split_name, n_modalities, mmap, splits.get("train"), text)
 
     label_names = None if manifest is None else manifest.get("label_names")
     if label_names is not None:
@@ -303,6 +344,8 @@ def read_dataset(root: str | Path, *, mmap: bool = False) -> MultimodalDataset:
         splits=splits,
         extra={k: v for k, v in (manifest or {}).items() if k not in _KNOWN_MANIFEST_KEYS},
         factors=factors,
+        specs=specs,
+        vocabs=vocabs,
     )
 
 
@@ -332,7 +375,8 @@ def _count_modalities(root: Path, manifest: dict[str, Any] | None) -> int:
 
 
 def _read_split(
-    split_dir: Path, n_modalities: int, mmap: bool, train: MultimodalSplit | None
+    split_dir: Path, n_modalities: int, mmap: bool, train: MultimodalSplit | None,
+    text: dict[int, tuple[int, Path]] | None = None,
 ) -> MultimodalSplit:
     found = _modality_indices(split_dir)
     expected = list(range(n_modalities))
@@ -355,7 +399,10 @@ def _read_split(
     for k in expected:
         path = split_dir / f"m{k}.npy"
         array = _load(path, mmap)
-        _check_images(array, path)
+        if text and k in text:
+            check_text(array, path, *text[k])
+        else:
+            _check_images(array, path)
         if modalities:
             _check_same_n(array, modalities[0], path)
         if train is not None:
@@ -398,12 +445,14 @@ def _check_images(array: np.ndarray, path: Path) -> None:
             path=path,
             fix="add a channel axis (x[:, None]) to grey images; make N x H x W x C x.transpose(0, 3, 1, 2)",
         )
-    if array.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE):
+    if array.shape[2] != array.shape[3] or array.shape[2] not in IMAGE_SIZES:
+        sizes = ", ".join(f"{s}x{s}" for s in IMAGE_SIZES)
         raise DataError(
             f"images are {array.shape[2]}x{array.shape[3]} (shape {tuple(array.shape)}); the networks "
-            f"support {IMAGE_SIZE}x{IMAGE_SIZE} images only for now",
+            f"support square images of {sizes}",
             path=path,
-            fix=f"resize the images to {IMAGE_SIZE}x{IMAGE_SIZE} (and check the axes are N x C x H x W)",
+            fix=f"resize the images to one of {sizes} (and check the axes are N x C x H x W); captions: declare "
+                f'the modality "kind": "text" in the manifest\'s `{SPECS_FIELD}`',
         )
 
 
@@ -473,7 +522,7 @@ def constant_images(data: MultimodalDataset) -> list[str]:
     warnings = []
     for split_name, split in data.splits.items():
         for k, array in enumerate(split.modalities):
-            if array.size and array.min() == array.max():
+            if array.ndim == 4 and array.size and array.min() == array.max():
                 path = data.root / split_name / f"m{k}.npy"
                 warnings.append(
                     f"{path}: every pixel of every image is {int(array.min())}: this modality carries no "
@@ -531,3 +580,25 @@ def check_factors(splits: dict[str, MultimodalSplit], names: list[str] | None, r
             fix="list one name per column of labels.npy in `factors` (in column order), or remove the field",
         )
     return list(names)
+
+
+def modality_info(data: MultimodalDataset) -> list[dict[str, Any]]:
+    """What each modality holds, for the model to fit its networks and likelihoods to: the kind, the array shape
+    after N, the manifest's likelihood settings and, for text, the vocabulary size and special token ids."""
+    out = []
+    train = data.splits["train"]
+    for k, spec in enumerate(data.modality_specs):
+        info = {**spec.to_manifest(), "kind": spec.kind, "shape": [int(s) for s in train.modalities[k].shape[1:]]}
+        if spec.kind == "text":
+            info["vocab_size"] = len(data.vocabs[k])
+        out.append(info)
+    return out
+
+
+def read_vocabs(root: str | Path) -> dict[int, list[str]]:
+    """Words by token id of each text modality of the data set at ``root`` (by modality index), from its manifest
+    and vocabulary files only (no arrays are read)."""
+    root = Path(root)
+    manifest = read_manifest(root) or {}
+    specs = parse_specs(manifest.get(SPECS_FIELD), None, root / MANIFEST) or []
+    return {k: read_vocab(root / s.vocab) for k, s in enumerate(specs) if s.kind == "text"}

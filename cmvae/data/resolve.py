@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from cmvae_engine.cmvae.data import polydigits_captions as captions
 from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.cmvae.data.format import CREATE_HINT, MANIFEST, read_manifest
 from cmvae_engine.cmvae.data.polydigits import generator_params, synth_polydigits
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "CMVAE_DATA_DIR"
 DEFAULT_MODALITIES = 5
-KNOWN_NAMES = ("polydigits", "polymnist", "facetdigits")
+KNOWN_NAMES = ("polydigits", "polymnist", "facetdigits", "polydigits-captions")
 _FORMAT = (
     "a folder with train/ and test/ (optional valid/) holding m0.npy, m1.npy, ... (uint8 N x C x 28 x 28), "
     "optional labels.npy, plus an optional manifest.json"
@@ -46,6 +47,8 @@ def resolve_dataset(
         return _polymnist(root, seed, progress)
     if name_or_path == "facetdigits":
         return _facetdigits(root, seed, progress)
+    if name_or_path == captions.NAME:
+        return _polydigits_captions(root, seed, progress)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise DataError(
@@ -102,3 +105,16 @@ def _facetdigits(root: Path, seed: int, progress: ProgressFn | None) -> Path:
         return folder
     log.info("synthesising facetdigits (seed=%d) in %s", seed, folder)
     return synth_facetdigits(folder, seed=seed, progress=progress)
+
+
+def _polydigits_captions(root: Path, seed: int, progress: ProgressFn | None) -> Path:
+    folder = root / captions.NAME
+    wanted = captions.generator_params(seed=seed)
+    try:
+        found = (read_manifest(folder) or {}).get("generator")
+    except DataError:
+        found = None  # an unreadable manifest is just a stale cache: regenerate
+    if found == wanted:
+        return folder
+    log.info("synthesising %s (seed=%d) in %s", captions.NAME, seed, folder)
+    return captions.synth_polydigits_captions(folder, seed=seed, progress=progress)

@@ -147,8 +147,24 @@ def load_classifier_folder(folder: str | Path, n_modalities: int, in_channels: i
         raise FileNotFoundError(f"{folder}: missing classifier files {missing} for {n_modalities} modalities")
     if acc is not None and len(acc) < n_modalities:
         raise ValueError(f"{folder / OWN_META}: records {len(acc)} modalities, the model has {n_modalities}")
-    models = [load_classifier(f, in_channels=in_channels, n_classes=n_classes) for f in files]
+    archs = meta.get("architectures") if kind == "trained" else None
+    if archs is not None:  # images of other sizes, captions
+        models = [_load_built(f, a, n_classes) for f, a in zip(files, archs, strict=False)]
+    else:
+        models = [load_classifier(f, in_channels=in_channels, n_classes=n_classes) for f in files]
     return ClassifierSet(models, kind, folder, None if acc is None else [float(a) for a in acc[:n_modalities]])
+
+
+def _load_built(path: Path, arch: dict, n_classes: int) -> nn.Module:
+    from cmvae_engine.cmvae.evaluation.modality_classifiers import build_classifier
+
+    model = build_classifier(arch, n_classes)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except Exception as e:
+        raise ValueError(f"{path}: does not hold the {arch['kind']} classifier classifiers.json describes ({e}); "
+                         "retrain with `cmvae-engine classifiers train DATASET`") from e
+    return model.eval()
 
 
 def find_classifiers(data_folder: str | Path, n_modalities: int, in_channels: int = 3, *,
@@ -172,13 +188,18 @@ def find_classifiers(data_folder: str | Path, n_modalities: int, in_channels: in
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, *, n_classes: int, epochs: int, batch_size: int = 128,
     lr: float = 1e-3, device: torch.device | str = "cpu", seed: int = 0, max_steps: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, architecture: dict | None = None,
 ) -> DigitClassifier:
     """Adam + cross-entropy on uint8 images [N, C, H, W] kept on the device; a fresh permutation per epoch.
     `progress`: (steps done, steps)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = DigitClassifier(images.shape[1], n_classes).to(device).train()
+    if architecture is not None:  # images of other sizes, captions (modality_classifiers.py)
+        from cmvae_engine.cmvae.evaluation.modality_classifiers import build_classifier
+
+        model = build_classifier(architecture, n_classes).to(device).train()
+    else:
+        model = DigitClassifier(images.shape[1], n_classes).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     x_all, y_all = images.to(device), labels.to(device)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -208,7 +229,7 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
 def train_classifier_set(
     splits: dict, *, dataset: str, epochs: int, batch_size: int = 128, lr: float = 1e-3,
     device: torch.device | str = "cpu", seed: int = 0, max_steps: int | None = None, log=print,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, architectures: list[dict] | None = None,
 ) -> tuple[list[DigitClassifier], dict]:
     """Train one classifier per modality on `splits['train']` and score it on `splits['test']` (MultimodalSplit
     objects with labels). Returns the models and the record that goes to `classifiers.json`. `progress`:
@@ -226,7 +247,8 @@ def train_classifier_set(
     for m in range(train.n_modalities):
         model = train_classifier(torch.from_numpy(np.asarray(train.modalities[m])), y_train, n_classes=n_classes,
                                  epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed + m,
-                                 max_steps=max_steps, progress=shifted(progress, m * per_model, total))
+                                 max_steps=max_steps, progress=shifted(progress, m * per_model, total),
+                                 architecture=None if architectures is None else architectures[m])
         acc.append(accuracy(model, torch.from_numpy(np.asarray(test.modalities[m])), y_test))
         models.append(model)
         log(f"m{m}: test accuracy {acc[-1]:.4f}")
@@ -236,4 +258,7 @@ def train_classifier_set(
         "n_test": test.n, "test_accuracy": acc, "train_seconds": time.perf_counter() - t0,
         "architecture": "DigitClassifier (DESIGN section 4)",
     }
+    if architectures is not None:
+        record["architecture"] = "per modality (cmvae/evaluation/modality_classifiers.py)"
+        record["architectures"] = architectures
     return models, record

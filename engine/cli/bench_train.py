@@ -23,6 +23,10 @@ def bench_train_command(
         help="The authors' CMVAE repository (a checkout): time their released training step beside ours (our "
              "default step with the train flags given), interleaved, each in its own process (peak RSS), on random "
              "images at full width; --steps/--warmup are per side.", show_default=False)] = None,
+    shape: Annotated[str | None, typer.Option(
+        help="`cubicc`: time the CUBICC-shaped step (64x64 images + 32-token captions over 1590 words, random "
+             "content written to DATA_ROOT/cubicc-shaped) with the reference's CUBICC settings (Normal, Dz 64, Dw 32, "
+             "K 35, beta 1, DReG S=10, batch 32) unless train flags say otherwise.")] = None,
 ) -> None:
     """Samples/s, steps/s, TFLOP/s and peak memory of the optimised engine against the baseline (eager fp32,
     per-pair decoders, plain-torch ops, `files` loader), same config, one run. Train flags may follow
@@ -33,7 +37,10 @@ def bench_train_command(
     console = Console()
     try:
         check_flags(("--steps", steps, COUNT, 20), ("--warmup", warmup, Rule(int, low=0), 5))
-        cfg = parse_train_flags(dataset, list(ctx.args), "cmvae-engine bench train")
+        args = list(ctx.args)
+        if shape is not None:
+            dataset, args = _shaped(shape, args)
+        cfg = parse_train_flags(dataset, args, "cmvae-engine bench train")
         if reference_code is not None:
             _reference(console, cfg, reference_code, steps, warmup, out)
             return
@@ -69,3 +76,22 @@ def _reference(console: Console, cfg, reference_code: str, steps: int, warmup: i
     console.print(f"ours is {r['speedup_vs_reference']:.2f}x the authors' speed; fp32 matmul peak "
                   f"{r['matmul_peak_gflops']:.0f} GFLOP/s; load average {r['load_average_before'][0]:.1f} -> "
                   f"{r['load_average_after'][0]:.1f} -> {path}")
+
+
+CUBICC_FLAGS = ["--family", "normal", "--z-dim", "64", "--w-dim", "32", "--clusters", "35", "--beta", "1",
+                "--objective", "dreg", "--samples", "10", "--batch-size", "32", "--width", "1.0"]
+"""The reference's CUBICC settings (src/train_CMVAE_CUBICC.py and its run script)."""
+
+
+def _shaped(shape: str, args: list[str]) -> tuple[str, list[str]]:
+    """The data folder and train flags of a --shape: the shape's settings first, so flags given after override."""
+    if shape != "cubicc":
+        raise ValueError(f"--shape {shape!r}: the known shape is cubicc")
+    from cmvae_engine.cmvae.data.cubicc import synth_cubicc_shaped
+    from cmvae_engine.cmvae.data.format import read_manifest
+    from cmvae_engine.cmvae.data.resolve import default_data_root
+
+    folder = default_data_root() / "cubicc-shaped"
+    if (read_manifest(folder) if (folder / "manifest.json").is_file() else None) is None:
+        synth_cubicc_shaped(folder)
+    return str(folder), [*CUBICC_FLAGS, *args]

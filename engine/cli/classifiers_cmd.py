@@ -81,7 +81,8 @@ def train_command(
         with Board(console) as board, board.phase(f"training {ds.n_modalities} classifiers") as bar:
             models, record = train_classifier_set(
                 ds.splits, dataset=str(root), epochs=epochs, batch_size=batch_size, lr=lr, device=dev, seed=seed,
-                max_steps=max_steps, log=lambda s: console.print(s, markup=False), progress=bar)
+                max_steps=max_steps, log=lambda s: console.print(s, markup=False), progress=bar,
+                architectures=_architectures(ds))
         folder = write_classifier_folder(out or root / OWN_DIR, models, record)
     except (DataError, ValueError, FileNotFoundError) as e:
         Console(stderr=True, soft_wrap=True).print(Text(f"error: {e}", style="red"))
@@ -96,3 +97,14 @@ def train_command(
     warning = weak_classifiers(record["test_accuracy"], record["n_classes"])
     if warning:
         console.print(Text("warning: ", style="bold yellow") + Text(warning))
+
+
+def _architectures(ds) -> list[dict] | None:
+    """Per-modality classifiers for data with captions or images other than 28x28 (None: DigitClassifiers)."""
+    from cmvae_engine.cmvae.data.format import modality_info
+    from cmvae_engine.cmvae.evaluation.modality_classifiers import architecture_of
+
+    info = modality_info(ds)
+    if all(m["kind"] == "image" and m["shape"][1:] == [28, 28] for m in info):
+        return None
+    return [architecture_of(m) for m in info]

@@ -24,8 +24,8 @@ from cmvae_engine.engine.cli.shard_cmd import shard_command
 
 data_app = typer.Typer(help="Create, convert and inspect data sets.", no_args_is_help=True)
 data_app.command("shard")(shard_command)
-SYNTHETIC = ("polydigits", "facetdigits")
-CONVERTIBLE = ("polymnist",)
+SYNTHETIC = ("polydigits", "facetdigits", "polydigits-captions")
+CONVERTIBLE = ("polymnist", "cubicc")
 EXIT_DATA_ERROR = 2
 
 Opt = typer.Option
@@ -78,7 +78,7 @@ def synth(
                 ("--n-valid", n_valid, Rule(int, low=0), 1000), ("--n-test", n_test, COUNT, 2000),
                 ("--seed", seed, SEED, 0))
     if out is None:
-        out = default_data_root() / (name if modalities == 5 else f"{name}-m{modalities}")
+        out = default_data_root() / (name if modalities == 5 or name != "polydigits" else f"{name}-m{modalities}")
     from cmvae_engine.engine.progress import Board
 
     if name == "facetdigits":  # one modality, two labelled factors (cmvae/data/facetdigits.py)
@@ -88,6 +88,16 @@ def synth(
             path = synth_facetdigits(out, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed, progress=bar)
         _console().print(f"wrote {name} (1 modality, factors digit x colour) to {path}", markup=False)
         return
+
+    if name == "polydigits-captions":  # two image modalities and one caption modality, always
+        from cmvae_engine.cmvae.data.polydigits_captions import synth_polydigits_captions
+
+        with Board(_console()) as board, board.phase(f"synthesising {name} into {out}") as bar:
+            path = synth_polydigits_captions(out, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed,
+                                             progress=bar)
+        _console().print(f"wrote {name} (2 images + 1 caption modality) to {path}", markup=False)
+        return
+
     with Board(_console()) as board, board.phase(f"synthesising {name} into {out}") as bar:
         path = synth_polydigits(
             out, n_modalities=modalities, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed,
@@ -100,7 +110,8 @@ def synth(
 @_clean_errors
 def convert(
     kind: Annotated[str, Arg(help=f"Layout of SRC: {', '.join(CONVERTIBLE)}.")],
-    src: Annotated[Path, Arg(help="The unzipped data set (for polymnist: SRC/train/m0/0.5.png exists).")],
+    src: Annotated[Path, Arg(help="The unzipped data set (for polymnist: SRC/train/m0/0.5.png exists; for cubicc: "
+                                  "SRC/images.pt, captions.pt, labels.pt, *_split.npy and cub.vocab exist).")],
     dst: Annotated[Path, Arg(help="Output folder in our format.")],
     seed: Annotated[int, Opt(help="Seed of the held-out valid split when no index files are present.")] = 0,
 ) -> None:
@@ -108,6 +119,12 @@ def convert(
     if kind not in CONVERTIBLE:
         raise DataError(f"unknown layout {kind!r}", fix=f"choose one of: {', '.join(CONVERTIBLE)}")
     check_flags(("--seed", seed, SEED, 0))
+    if kind == "cubicc":
+        from cmvae_engine.cmvae.data.cubicc import convert_cubicc
+
+        path = convert_cubicc(src, dst)
+        _console().print(f"converted {src} to {path}", markup=False)
+        return
     path = convert_polymnist(src, dst, seed=seed)
     _console().print(f"converted {src} to {path}", markup=False)
 
@@ -156,6 +173,7 @@ def grid(
 def tuple_grid(split: MultimodalSplit, n: int, pad: int = 2) -> Image.Image:
     """RGB picture of the first ``n`` tuples, rows tuples and columns modalities, on a white grid."""
     n = max(1, min(n, split.n))
+    split = MultimodalSplit([m for m in split.modalities if m.ndim == 4], split.labels)  # captions are not pictures
     shapes = split.image_shapes
     h, w = max(s[1] for s in shapes), max(s[2] for s in shapes)
     canvas = np.full((pad + n * (h + pad), pad + len(shapes) * (w + pad), 3), 255, dtype=np.uint8)

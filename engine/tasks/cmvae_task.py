@@ -13,6 +13,7 @@ from cmvae_engine.cmvae.clustering import assign_clusters, encode_split, to_floa
 from cmvae_engine.cmvae.config import IMAGE_CHANNELS
 from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.cmvae.data.format import IMAGE_SIZE
+from cmvae_engine.cmvae.hetero import HeteroCMVAE, is_heterogeneous
 from cmvae_engine.cmvae.metrics import clustering_scores
 from cmvae_engine.cmvae.model import CMVAE, Posterior
 from cmvae_engine.cmvae.objectives import loss_fn
@@ -22,6 +23,7 @@ from cmvae_engine.engine.config import TrainConfig
 from cmvae_engine.engine.images import cluster_labels, save_grid
 from cmvae_engine.engine.recipes import PaperRecipe, build_recipe
 from cmvae_engine.engine.tasks.base import Task
+from cmvae_engine.engine.tasks.modality_fit import fit_modalities
 
 CLUSTERS = "clusters.json"
 
@@ -54,18 +56,25 @@ class CMVAEObjective(nn.Module):
         return loss, -out.bound.sum()
 
 
-def check_fits(kind: str, data_info: dict) -> int:
-    """Refuse data the CMVAE networks cannot take, naming the files and the fix; returns the channel count.
-
-    The one place that says what the networks accept: at least 2 modalities (the model is multimodal), every
-    modality with the same channel count, 1 (grey) or 3 (RGB), and 28 x 28 images. Heterogeneous modalities
-    relax this function."""
+def check_fits_count(kind: str, data_info: dict) -> None:
+    """At least 2 modalities: the model is multimodal."""
     root = Path(data_info["root"])
-    shapes = [tuple(s) for s in data_info["image_shapes"]]
+    shapes = data_info["image_shapes"]
     if len(shapes) < 2:
         raise DataError(f"holds {len(shapes)} modality ({', '.join(f'm{k}.npy' for k in range(len(shapes)))} in "
                         f"each split); {kind} is a multimodal model and needs at least 2",
                         path=root, fix="add a second modality (m1.npy in every split), or train on another data set")
+
+
+def check_fits(kind: str, data_info: dict) -> int:
+    """Refuse data the CMVAE networks cannot take, naming the files and the fix; returns the channel count.
+
+    The one place that says what the networks accept: at least 2 modalities (the model is multimodal), every
+    modality with the same channel count, 1 (grey) or 3 (RGB), and 28 x 28 images. Heterogeneous data (other
+    image sizes, captions, per-modality likelihoods) is fitted by modality_fit.py instead."""
+    check_fits_count(kind, data_info)
+    root = Path(data_info["root"])
+    shapes = [tuple(s) for s in data_info["image_shapes"]]
     channels = sorted({c for c, _, _ in shapes})
     files = ", ".join(f"m{k}.npy: {c}" for k, (c, _, _) in enumerate(shapes))
     if len(channels) > 1:
@@ -88,12 +97,18 @@ class CMVAETask(Task):
     kind = "cmvae"
 
     def adapt_config(self, cfg: TrainConfig, data_info: dict) -> None:
-        """The data decides M and the image channels, once check_fits has accepted it."""
-        cfg.model.image_channels = check_fits(cfg.model.kind, data_info)
+        """The data decides M and the image channels, once check_fits has accepted it; heterogeneous data (other
+        image sizes, captions) decides one network and likelihood spec per modality instead (modality_fit.py)."""
+        specs = fit_modalities(cfg.model, data_info)
+        if specs is None:
+            cfg.model.image_channels = check_fits(cfg.model.kind, data_info)
+        else:
+            check_fits_count(cfg.model.kind, data_info)
+            cfg.model.modalities = specs
         cfg.model.n_modalities = len(data_info["modalities"])
 
     def build_model(self, cfg: TrainConfig) -> CMVAE:
-        return CMVAE(cfg.model)
+        return HeteroCMVAE(cfg.model) if is_heterogeneous(cfg.model) else CMVAE(cfg.model)
 
     def build_recipe(self, cfg: TrainConfig) -> PaperRecipe:
         return build_recipe(cfg.recipe, cfg.fast, beta=cfg.beta)
@@ -113,7 +128,9 @@ class CMVAETask(Task):
         model.batch_encoders = cfg.step.batch_encoders
 
     def compile_fullgraph(self, cfg: TrainConfig) -> bool:
-        return True  # DReG's weighting of the path gradient is an autograd Function (cmvae/path_weights.py)
+        # DReG's weighting of the path gradient is an autograd Function (cmvae/path_weights.py), so the homogeneous
+        # step is one graph; per-source caption decoders and the Modalities batch are allowed graph breaks.
+        return not is_heterogeneous(cfg.model)
 
     def describe(self, cfg: TrainConfig, data_info: dict) -> str:
         m = cfg.model
@@ -162,6 +179,8 @@ class CMVAETask(Task):
         model.eval()
         g = torch.Generator(device=device)
         g.manual_seed(cfg.seed)
+        if isinstance(model, HeteroCMVAE):
+            return self._save_hetero_outputs(model, cfg, split, out, g)
         x = to_float(split.images[:, :8].to(device))
         rec = model.reconstruct(x)
         rows = torch.stack([t for m in range(x.shape[0]) for t in (x[m], rec[m])])
@@ -178,3 +197,19 @@ class CMVAETask(Task):
                                            "note": "the prior at the end of training, before pruning"})
         model.train()
         return ["recon.png", "samples.png", CLUSTERS]
+
+    def _save_hetero_outputs(self, model: HeteroCMVAE, cfg: TrainConfig, split, out: Path, g: torch.Generator
+                             ) -> list[str]:
+        """The same files for images + captions: captions as text beside the image tiles (engine/hetero_outputs.py)."""
+        from cmvae_engine.cmvae.data import resolve_dataset
+        from cmvae_engine.engine.hetero_outputs import CaptionView, save_training_outputs
+
+        view = CaptionView.for_data(model, resolve_dataset(cfg.data.dataset, data_root=cfg.data.data_root))
+        log_pi = model.prior_params()[0]
+        order = [int(c) for c in torch.argsort(log_pi, descending=True) if torch.isfinite(log_pi[c])][:16]
+        mass = log_pi.exp().tolist()
+        files = save_training_outputs(model, view, split.images, out, g, order, mass)
+        atomic_write_json(out / CLUSTERS, {"checkpoint": "checkpoint.pt", "prior_mass": mass, "order": order,
+                                           "note": "the prior at the end of training, before pruning"})
+        model.train()
+        return [*files, CLUSTERS]

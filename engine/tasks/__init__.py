@@ -13,6 +13,7 @@ from cmvae_engine.engine.tasks.base import Task
 TASKS: dict[str, str] = {
     "cmvae": "cmvae_engine.engine.tasks.cmvae_task:CMVAETask",
     "mmvaeplus": "cmvae_engine.engine.tasks.cmvae_task:CMVAETask",
+    "dcmvae": "cmvae_engine.engine.tasks.diffusion_task:DiffusionTask",
 }
 
 

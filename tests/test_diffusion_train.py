@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from typer.testing import CliRunner
 
 from cmvae_engine.cmvae.config import ModelConfig
 from cmvae_engine.cmvae.data import synth_polydigits
 from cmvae_engine.cmvae.diffusion.model import DCMVAE
+from cmvae_engine.cmvae.evaluation.classifier import DigitClassifier
 from cmvae_engine.engine import trainer
 from cmvae_engine.engine.checkpoint import load_checkpoint
+from cmvae_engine.engine.cli import app
 from cmvae_engine.engine.config import DataConfig, OptimConfig, TrainConfig
 from cmvae_engine.engine.diffusion_run import diffusion_config, resume_config
 from cmvae_engine.engine.run import load_run
@@ -99,8 +102,58 @@ def test_the_learning_rate_warms_up_linearly():
     assert [r.lr_at(s) for s in (1, 2, 4, 10)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3])
 
 
-def test_a_diffusion_run_is_not_a_cmvae_source(cmvae_run, tmp_path):
-    out = tmp_path / "d"
-    trainer.train(_config(cmvae_run, out, epochs=1, eval_every=0, batch_size=32), QUIET)
+@pytest.fixture(scope="module")
+def diffusion_run(cmvae_run):
+    """The default diffusion folder RUN_DIR/diffusion, 2 steps, through the command line."""
+    result = CliRunner().invoke(app, ["train-diffusion", str(cmvae_run), "--base", "8", "--n-res", "1",
+                                      "--timesteps", "20", "--warmup-steps", "2", "--epochs", "1", "--batch-size",
+                                      "32", "--eval-every", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return cmvae_run / "diffusion"
+
+
+def test_a_diffusion_run_is_not_a_cmvae_source(diffusion_run):
     with pytest.raises(ValueError, match="sits on a trained CMVAE"):
-        diffusion_config(out)
+        diffusion_config(diffusion_run)
+
+
+def test_train_diffusion_resume_refuses_a_changed_denoiser(cmvae_run, diffusion_run):
+    result = CliRunner().invoke(app, ["train-diffusion", str(cmvae_run), "--resume", "--base", "16"])
+    assert result.exit_code == 2 and "--base cannot change" in result.output
+    result = CliRunner().invoke(app, ["train-diffusion", str(cmvae_run), "--resume", "--device", "cpu"])
+    assert result.exit_code == 0 and "nothing to do" in result.output
+
+
+def test_generate_diffusion_writes_both_models_grids(cmvae_run, diffusion_run, tmp_path):
+    out = tmp_path / "gen"
+    result = CliRunner().invoke(app, ["generate", str(cmvae_run), "--diffusion", "--steps", "3", "--n", "2",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "diffusion.json").read_text())
+    assert set(manifest["files"]) == {"diffusion_unconditional.png", "diffusion_conditional_m0.png",
+                                      "diffusion_conditional_m1.png"}
+    assert manifest["steps"] == 3 and all((out / f).is_file() for f in manifest["files"])
+
+
+def _classifiers(folder: Path, m: int) -> Path:
+    torch.manual_seed(0)
+    folder.mkdir()
+    for i in range(m):
+        torch.save(DigitClassifier(3).state_dict(), folder / f"m{i}.pt")
+    (folder / "classifiers.json").write_text(json.dumps({"n_classes": 10, "test_accuracy": [0.95] * m}))
+    return folder
+
+
+def test_eval_diffusion_scores_both_models(cmvae_run, diffusion_run, tmp_path):
+    clf = _classifiers(tmp_path / "clf", 2)
+    result = CliRunner().invoke(app, ["eval", str(cmvae_run), "--diffusion", "--n-diffusion", "24", "--steps", "2",
+                                      "--classifiers", str(clf), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((cmvae_run / "eval_diffusion.json").read_text())
+    for kind in ("unconditional", "conditional"):
+        for model in ("cmvae", "dcmvae"):
+            row = res[kind][model]
+            assert row["classifier_fd"] >= 0 and 0 <= row["coherence"] <= 1
+    assert res["n_conditional"] == 24 and res["split"] == "test" and "fid" not in res["unconditional"]["cmvae"]
+    # the denoised samples differ from the CMVAE's: so do their scores
+    assert res["unconditional"]["cmvae"]["classifier_fd"] != res["unconditional"]["dcmvae"]["classifier_fd"]

@@ -157,3 +157,15 @@ def test_eval_diffusion_scores_both_models(cmvae_run, diffusion_run, tmp_path):
     assert res["n_conditional"] == 24 and res["split"] == "test" and "fid" not in res["unconditional"]["cmvae"]
     # the denoised samples differ from the CMVAE's: so do their scores
     assert res["unconditional"]["cmvae"]["classifier_fd"] != res["unconditional"]["dcmvae"]["classifier_fd"]
+
+
+def test_bench_diffusion_writes_its_json(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "diffusion", "--base", "8", "--n-res", "1", "--modalities", "2",
+                                      "--width", "0.0625", "--batch-size", "4", "--train-steps", "1",
+                                      "--sample-batch", "2", "--ddim-steps", "2", "--ddpm-probe", "2", "--warmup",
+                                      "0", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("diffusion-*.json")
+    r = json.loads(path.read_text())
+    assert r["train_steps_per_s"] > 0 and r["ddim_images_per_s"] > 0 and r["ddpm_images_per_s"] > 0
+    assert r["settings"]["reduced"] and r["device"] and "projected" in r["ddpm_note"]

@@ -169,3 +169,12 @@ def test_bench_diffusion_writes_its_json(tmp_path):
     r = json.loads(path.read_text())
     assert r["train_steps_per_s"] > 0 and r["ddim_images_per_s"] > 0 and r["ddpm_images_per_s"] > 0
     assert r["settings"]["reduced"] and r["device"] and "projected" in r["ddpm_note"]
+
+
+def test_the_report_shows_both_models(cmvae_run, diffusion_run, tmp_path):
+    test_eval_diffusion_scores_both_models(cmvae_run, diffusion_run, tmp_path)  # eval_diffusion.json
+    from cmvae_engine.engine.report import build_report
+
+    html = build_report(cmvae_run)
+    assert "D-CMVAE (diffusion stage)" in html and "classifier-feature distance" in html
+    assert html.count("<td>") >= 4 * 3 and "End of diffusion training" in html

@@ -105,6 +105,15 @@ MODEL_CONFIGS: dict[str, type] = {"cmvae": ModelConfig, "mmvaeplus": ModelConfig
 """The config class of each model kind; a new family adds its kind here (and its training task in engine/tasks/)."""
 
 
+def _register_diffusion() -> None:
+    from cmvae_engine.cmvae.diffusion.config import DiffusionConfig  # D-CMVAE's diffusion stage (cmvae/diffusion/)
+
+    MODEL_CONFIGS["dcmvae"] = DiffusionConfig
+
+
+_register_diffusion()
+
+
 def model_config_from_dict(d: dict, where: str = "model"):
     """The config object of a saved model section (its `kind` picks the class; default `cmvae`); fields are
     checked by name and value (`where` names the file or section in messages)."""

@@ -697,12 +697,19 @@ def build_report(run_dir: str | Path) -> str:
         clusters_section(evaluation, prune, clusters),
         prune_section(run_dir, prune),
         samples_section(run_dir),
+        _diffusion_section(run_dir),
         provenance_section(info, rows, log, evaluation, prune, generated),
         f"<footer>cmvae-engine report &middot; {esc(run_dir.resolve())}</footer>",
     ])
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>Run report: {esc(run_dir.resolve().name)}</title>'
             f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
+
+
+def _diffusion_section(run_dir: Path) -> str:
+    from cmvae_engine.engine.report_diffusion import diffusion_section  # the D-CMVAE stage, when the run has one
+
+    return diffusion_section(run_dir)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

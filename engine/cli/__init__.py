@@ -7,6 +7,7 @@ import typer
 from cmvae_engine.engine.cli.bench_cmd import bench_app
 from cmvae_engine.engine.cli.classifiers_cmd import classifiers_app
 from cmvae_engine.engine.cli.data_cmd import data_app
+from cmvae_engine.engine.cli.diffusion_cmd import train_diffusion_command
 from cmvae_engine.engine.cli.eval_cmd import eval_command
 from cmvae_engine.engine.cli.generate_cmd import generate_command
 from cmvae_engine.engine.cli.profile_cmd import PROFILE_CONTEXT, profile_command
@@ -30,6 +31,7 @@ app.command("prune")(prune_command)
 app.command("generate")(generate_command)
 app.command("report")(report_command)
 app.command("profile", context_settings=PROFILE_CONTEXT)(profile_command)
+app.command("train-diffusion")(train_diffusion_command)
 
 
 def main() -> None:

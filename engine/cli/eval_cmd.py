@@ -37,11 +37,38 @@ def eval_command(
     device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of every sampling step.")] = 0,
     threads: Annotated[int | None, Opt(help="CPU threads for torch.")] = None,
+    diffusion: Annotated[bool, Opt("--diffusion", help="Score the CMVAE's and D-CMVAE's samples side by side "
+                                                       "(RUN_DIR/eval_diffusion.json) instead of the CMVAE eval.")]
+    = False,
+    diffusion_dir: Annotated[str | None, Opt(help="With --diffusion: the diffusion run (default "
+                                                  "RUN_DIR/diffusion).")] = None,
+    n_diffusion: Annotated[int, Opt(help="With --diffusion: unconditional samples (and conditioning tuples, at "
+                                         "most the split's).")] = 1000,
+    sampler: Annotated[str, Opt(help="With --diffusion: ddim | ddpm.")] = "ddim",
+    steps: Annotated[int, Opt(help="With --diffusion: DDIM steps.")] = 50,
 ) -> None:
     """Evaluate a trained run the way the paper does; writes RUN_DIR/eval.json and prints tables."""
     from cmvae_engine.engine.eval_run import EvalConfig, run_eval  # heavy imports only when the command runs
 
     console = Console()
+    if diffusion:
+        from cmvae_engine.engine.eval_diffusion import eval_diffusion
+
+        try:
+            check_flags(("--split", split, Rule(SPLITS), "test"), ("--n-diffusion", n_diffusion, COUNT, 1000),
+                        ("--steps", steps, COUNT, 50), ("--seed", seed, SEED, 0))
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            eval_diffusion(run_dir, diffusion_dir=diffusion_dir, split=split, n_unconditional=n_diffusion,
+                           n_conditional=n_diffusion, sampler=sampler, steps=steps, classifiers=classifiers,
+                           inception_weights=inception_weights, seed=seed, device=device, data_root=data_root,
+                           console=console)
+        except (DataError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            Console(stderr=True, soft_wrap=True).print(Text(f"error: {e}", style="red"))
+            raise typer.Exit(2) from None
+        return
     try:
         check_flags(("--split", split, Rule(SPLITS), "test"),
                     ("--fid-split", fid_split, Rule(SPLITS, optional=True), "train"),

@@ -22,6 +22,12 @@ def generate_command(
     seed: Annotated[int, Opt(help="Seed of the samples.")] = 0,
     device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_root: Annotated[Path | None, Opt(help="Folder of named data sets (default: the run's).")] = None,
+    diffusion: Annotated[bool, Opt("--diffusion", help="D-CMVAE grids (the diffusion stage of `train-diffusion`) "
+                                                       "beside the CMVAE's samples.")] = False,
+    diffusion_dir: Annotated[Path | None, Opt(help="The diffusion run (default RUN_DIR/diffusion).")] = None,
+    sampler: Annotated[str, Opt(help="With --diffusion: ddim | ddpm (all T steps).")] = "ddim",
+    steps: Annotated[int, Opt(help="With --diffusion: DDIM steps.")] = 50,
+    eta: Annotated[float, Opt(help="With --diffusion: DDIM eta (0 deterministic, 1 DDPM's variance).")] = 0.0,
 ) -> None:
     """Sample grids: unconditional per cluster (rows clusters, columns modalities) and conditional per source
     modality (inputs, then every modality generated from them)."""
@@ -31,6 +37,13 @@ def generate_command(
     try:
         check_flags(("--n", n, COUNT, 8), ("--cluster", cluster, Rule(int, low=0, optional=True), 0),
                     ("--seed", seed, SEED, 0))
+        if diffusion:
+            from cmvae_engine.engine.generate_diffusion import generate_diffusion
+
+            check_flags(("--steps", steps, COUNT, 50), ("--eta", eta, Rule(float, low=0, high=1), 0.0))
+            generate_diffusion(run_dir, diffusion_dir=diffusion_dir, n=n, sampler=sampler, steps=steps, eta=eta,
+                               seed=seed, device=device, out=out, data_root=data_root, console=console)
+            return
         generate_run(run_dir, n=n, cluster=cluster, out=out, seed=seed, device=device, data_root=data_root,
                      console=console)
     except (ValueError, FileNotFoundError) as e:

@@ -14,6 +14,7 @@ TASKS: dict[str, str] = {
     "cmvae": "cmvae_engine.engine.tasks.cmvae_task:CMVAETask",
     "mmvaeplus": "cmvae_engine.engine.tasks.cmvae_task:CMVAETask",
     "mfcvae": "cmvae_engine.engine.tasks.mfcvae_task:MFCVAETask",
+    "dcmvae": "cmvae_engine.engine.tasks.diffusion_task:DiffusionTask",
 }
 
 

@@ -1,0 +1,55 @@
+"""The D-CMVAE goal table from a run's eval_diffusion.json: CMVAE vs D-CMVAE per metric, unconditional and
+conditional, with the goal's two tests (classifier-feature distance at least 25% lower; coherence within 0.05).
+
+    .venv/bin/python tools/diffusion_goal.py runs/demo --train-minutes 15.0 --out bench/results/dcmvae-goal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from cmvae_engine.engine.checkpoint import atomic_write_json
+
+FD_DROP, COHERENCE_TOL = 0.25, 0.05
+
+
+def goal_table(result: dict) -> dict:
+    rows, ok = [], True
+    for kind in ("unconditional", "conditional"):
+        a, b = result[kind]["cmvae"], result[kind]["dcmvae"]
+        drop = (a["classifier_fd"] - b["classifier_fd"]) / a["classifier_fd"]
+        coh = b["coherence"] - a["coherence"]
+        passed = {"classifier_fd_25pct_lower": drop >= FD_DROP, "coherence_within_0.05": abs(coh) <= COHERENCE_TOL}
+        ok = ok and all(passed.values())
+        rows.append({"samples": kind, "cmvae": {k: a[k] for k in ("classifier_fd", "coherence", "fid") if k in a},
+                     "dcmvae": {k: b[k] for k in ("classifier_fd", "coherence", "fid") if k in b},
+                     "classifier_fd_relative_drop": drop, "coherence_change": coh, "passed": passed})
+    return {"rows": rows, "goal_met": ok}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-minutes", type=float, required=True, help="wall-clock minutes the denoisers trained")
+    p.add_argument("--note", default="")
+    a = p.parse_args()
+    run = Path(a.run_dir)
+    result = json.loads((run / "eval_diffusion.json").read_text())
+    metrics = [json.loads(x) for x in (run / "diffusion" / "metrics.jsonl").read_text().splitlines()]
+    table = goal_table(result)
+    table.update(split=result["split"], sampler=result["sampler"], steps=result["steps"],
+                 n_unconditional=result["n_unconditional"], n_conditional=result["n_conditional"],
+                 denoiser=result["denoiser"], train_minutes=a.train_minutes, train_steps=metrics[-1]["step"],
+                 load_average_now=[round(v, 2) for v in os.getloadavg()], run_info=result["run_info"],
+                 classifiers=result["classifiers"], note=a.note)
+    atomic_write_json(a.out, table)
+    print(json.dumps(table["rows"], indent=1))
+    print("goal met" if table["goal_met"] else "goal NOT met")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cmvae_engine.cmvae.config import ModelConfig
-from cmvae_engine.engine.cli.mfcvae_flags import mfcvae_model_config, parse_clusters
+from cmvae_engine.engine.cli.mfcvae_flags import mfcvae_model_config, parse_clusters, parse_settings
 from cmvae_engine.engine.config import (
     CheckpointConfig,
     ConfigError,
@@ -155,6 +155,7 @@ def option_fields() -> dict[str, str]:
         fields.update({_option(flag): f"{section}.{name}" for name, flag in getattr(cls, "FLAGS", {}).items()})
     fields.update({f: "fast" for f in _FAST_FLAGS})
     fields["facets"] = "model.n_facets"
+    fields["mfcvae_set"] = "model"  # several model fields at once (engine/cli/mfcvae_flags.py)
     return fields
 
 
@@ -230,9 +231,11 @@ def config_from_flags(flags: dict, explicit: set[str]) -> TrainConfig:
     # The passed values as they are: cross-field checks (e.g. --nproc against the batch size) then see the run's
     # own values, not the flags' defaults.
     fields = option_fields()
-    for name in sorted(explicit - set(_FAST_FLAGS)):
+    for name in sorted(explicit - set(_FAST_FLAGS) - {"mfcvae_set"}):
         if name in fields:
             _set(merged, fields[name], flags[name])
+    if "mfcvae_set" in explicit:
+        merged["model"].update(parse_settings(flags["mfcvae_set"]))
     if explicit & set(_FAST_FLAGS):
         merged["fast"] = asdict(FastRecipeConfig.from_flags(flags["fast_disable"], flags["fast_enable"],
                                                             flags["fast_set"], base=saved.fast))

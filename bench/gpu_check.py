@@ -4,7 +4,7 @@
     tools/gpu_check.sh                        every stage (install first), results into $OUT or bench/results/
     tools/gpu_check.sh --stage kernels,train  only these (the package is made importable first in any case)
     tools/gpu_check.sh --list                 the stages, what each runs and its time limit
-    tools/gpu_check.sh --dry-run              the same stages on the CPU with tiny shapes (seconds; CI runs it)
+    tools/gpu_check.sh --dry-run              the same stages on the CPU with tiny shapes (about a minute; a test)
 
 Stages, in order (each has its own time limit, at most 6 minutes on an H200, so that a failed one can be rerun
 within a short loan; a failed stage does not stop the later ones):
@@ -25,8 +25,9 @@ most), else to bench/results/, named as bench/results/ names them; one gpu-check
 status, key figures, the targets against what was measured, each stage's log tail). Scratch (data, compiler
 caches, the profiler's trace, logs) goes to --work.
 
-Only the standard library is imported at module level: this file runs before the package is installed (the stages
-run the package in child processes, each under its own time limit).
+The stages themselves (what each runs, the time limits, reading their results) are in bench/gpu_stages.py. Both
+files import only the standard library: they run before the package is installed (the stages run the package in
+child processes, each under its own time limit).
 """
 
 from __future__ import annotations

@@ -512,6 +512,18 @@ def _one(ctx: Context, res: StageResult, before: set[Path], pattern: str) -> Pat
     return match[-1]
 
 
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception|Interrupt)\b|error:)")
+_BOX = set("─│╭╮╰╯┃━┏┓┗┛═║ ")
+
+
+def why_it_failed(output: str) -> str:
+    """The line that says why: the last exception or `error:` line, else the last line that is not a piece of a
+    drawn traceback box."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip() and not set(ln) <= _BOX]
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    return (errors or lines or [""])[-1]
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -544,9 +556,8 @@ def run_stage(ctx: Context, stage: Stage) -> StageResult:
         stage.run(ctx, res, end)
     except StageFailed as e:
         res.status = "timeout" if e.ran.rc is None else "failed"
-        last = [ln for ln in e.ran.output.strip().splitlines() if ln.strip()][-1:] or [""]
         res.figure = f"{e}: " + ("killed at the time limit" if e.ran.rc is None else
-                                  f"exit {e.ran.rc}: {last[0][:120]}")
+                                  f"exit {e.ran.rc}: {why_it_failed(e.ran.output)[:160]}")
     except Exception as e:  # a stage's own reading of results; recorded, and the next stage still runs
         res.status = "failed"
         res.figure = f"{type(e).__name__}: {e}"[:200]

@@ -266,3 +266,12 @@ def test_a_fused_backend_that_disagrees_is_dropped_and_the_others_timed(tmp_path
     assert calls[1][calls[1].index("--backends") + 1] == "eager,compile,ext"
     assert "triton" in res.values["disagrees"] and res.values["x_eager"] == pytest.approx(4.0)
     assert res.figure.startswith("bench kernels: mixture_logpdf") and res.files == ["kernels-cpu-1.json"]
+
+
+def test_the_reason_of_a_failure_is_the_exception_line():
+    rich_traceback = ("╭──── Traceback ────╮\n│ raise RuntimeError(msg) │\n╰───────────────────╯\n"
+                      "RuntimeError: torch.compile with fullgraph=True found no compiled frames. Skipped frames:\n"
+                      "  - forward (model.py:82): Dynamo tracing is disabled\n")
+    assert gs.why_it_failed(rich_traceback).startswith("RuntimeError: torch.compile with fullgraph=True")
+    assert gs.why_it_failed("loading\nerror: --device cuda: CUDA is not available\n").startswith("error: --device")
+    assert gs.why_it_failed("step 1\nstep 2\n╰─────╯\n") == "step 2"

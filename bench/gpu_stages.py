@@ -231,9 +231,10 @@ class StageFailed(Exception):
 
 
 def _run_step(ctx: Context, res: StageResult, cmd: list[str], stage_end: float, what: str,
-              check: bool = True) -> Ran:
+              check: bool = True, env: dict[str, str] | None = None) -> Ran:
     res.commands.append(" ".join(cmd))
-    ran = run_command(cmd, env=ctx.env, timeout_s=stage_end - time.monotonic(), log=ctx.log_dir / f"{res.name}.log")
+    ran = run_command(cmd, env=env or ctx.env, timeout_s=stage_end - time.monotonic(),
+                      log=ctx.log_dir / f"{res.name}.log")
     res.log_tail = (res.log_tail + ran.output)[-TAIL_CHARS:]
     res.cpu_seconds += ran.cpu_s
     if check and not ran.ok:
@@ -320,10 +321,12 @@ def ensure_importable(ctx: Context, res: StageResult | None, end: float, install
 def stage_cuda_tests(ctx: Context, res: StageResult, end: float) -> None:
     junit = ctx.plan.work / "cuda-tests.xml"
     junit.unlink(missing_ok=True)
+    # the fp64 CPU references of the op tests use the machine's cores (tests/conftest.py defaults to one thread)
+    env = {**ctx.env, "CMVAE_TEST_THREADS": ctx.env.get("CMVAE_TEST_THREADS") or str(os.cpu_count() or 1)}
     # -v: one line per test in the log, which is read when pytest is cut at the limit before its report
     ran = _run_step(ctx, res, [ctx.python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "-rfEs",
                                "--durations=15", "-p", "no:cacheprovider", f"--junitxml={junit}"], end, "pytest",
-                    check=False)
+                    check=False, env=env)
     counts = read_junit(junit) if junit.is_file() else count_verbose(ran.output)
     if counts is None:
         raise StageFailed("pytest wrote no report", ran)

@@ -275,3 +275,19 @@ def test_the_reason_of_a_failure_is_the_exception_line():
     assert gs.why_it_failed(rich_traceback).startswith("RuntimeError: torch.compile with fullgraph=True")
     assert gs.why_it_failed("loading\nerror: --device cuda: CUDA is not available\n").startswith("error: --device")
     assert gs.why_it_failed("step 1\nstep 2\n╰─────╯\n") == "step 2"
+
+
+def test_where_the_package_cannot_be_installed_its_sources_go_on_the_path(tmp_path):
+    """An interpreter that does not see the installed package (here: this one without site-packages) is given
+    the source folders through a linked `cmvae_engine` under --work, as a lent machine whose pip refuses."""
+    py = tmp_path / "python"
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    py.chmod(0o755)
+    ctx = _ctx(tmp_path)
+    ctx.python = str(py)
+    ctx.env.pop("PYTHONPATH", None)
+    how = gs.ensure_importable(ctx, None, time.monotonic() + 60, install=False)
+    assert "PYTHONPATH" in how and (tmp_path / "pythonpath" / "cmvae_engine" / "kernels").resolve() == ROOT / "kernels"
+    ran = gs.run_command([str(py), "-c", "import cmvae_engine.bench.gpu_stages as m; print(m.ROOT)"], env=ctx.env,
+                         timeout_s=60, log=tmp_path / "import.log")
+    assert ran.ok and str(ROOT) in ran.output

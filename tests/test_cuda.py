@@ -126,12 +126,20 @@ CASES = {
 }
 
 
+_TRUTHS: dict[tuple, list[torch.Tensor]] = {}
+"""The fp64 CPU reference per (op, case, bf16-rounded inputs, family): shared by the backends and dtypes."""
+
+
 def _compare(op, backend, case, dtype, family):
     inputs, target = CASES[op, case]()
-    if dtype == torch.bfloat16:  # the same bf16 values for everyone: the truth is computed from them
+    rounded = dtype == torch.bfloat16
+    if rounded:  # the same bf16 values for everyone: the truth is computed from them
         inputs = [t.to(torch.bfloat16).double() for t in inputs]
         target = None if target is None else target.to(torch.bfloat16).double()
-    truth = run(op, "ref", inputs, torch.float64, "cpu", family, target)
+    key = (op, case, rounded, family)
+    if key not in _TRUTHS:
+        _TRUTHS[key] = run(op, "ref", inputs, torch.float64, "cpu", family, target)
+    truth = _TRUTHS[key]
     got = run(op, backend, inputs, dtype, CUDA, family, target)
     if dtype == torch.float64:
         for i, (g, t) in enumerate(zip(got, truth, strict=True)):

@@ -1,6 +1,6 @@
-"""The GPU acceptance run (bench/gpu_check.py, tools/gpu_check.sh): its CPU dry run end to end, every stage with
-tiny shapes, so that the script cannot rot between GPU loans; and the parts that read results, cut stages at
-their time limits and keep going past a failure."""
+"""The GPU acceptance run (bench/gpu_check.py, bench/gpu_stages.py, tools/gpu_check.sh): its CPU dry run end to
+end, every stage with tiny shapes, so that the script cannot rot between GPU loans; and the parts that read
+results, cut stages at their time limits and keep going past a failure."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cmvae_engine.bench import gpu_check as gc
+from cmvae_engine.bench import gpu_stages as gs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ def test_dry_run_runs_every_stage_and_writes_at_most_eight_files(tmp_path):
     s = json.loads(summary_path.read_text())
     assert s["dry_run"] is True and s["files"] == files and s["file_count"] == len(files)
     status = {st["name"]: st["status"] for st in s["stages"]}
-    assert list(status) == list(gc.STAGE_NAMES)
+    assert list(status) == list(gs.STAGE_NAMES)
     # no CUDA here: the CUDA tests are collected and skipped with the module's reason; the rest runs
     assert status["cuda-tests"] == "skipped", s["stages"][1]
     assert {status[k] for k in ("install", "kernels", "train", "profile")} == {"ok"}, shown
@@ -49,7 +50,7 @@ def test_dry_run_runs_every_stage_and_writes_at_most_eight_files(tmp_path):
     assert [t["met"] for t in s["targets"]] == [None] * 5  # the dry run judges nothing
     assert s["environment"]["torch"] and s["device"].endswith("cores)")
     # the one-screen summary
-    for word in ("stage", "status", "key figure", "targets", *gc.STAGE_NAMES):
+    for word in ("stage", "status", "key figure", "targets", *gs.STAGE_NAMES):
         assert word in res.stdout, word
 
 
@@ -58,21 +59,21 @@ def test_list_names_every_stage_with_its_limit():
                          text=True, timeout=60)
     assert res.returncode == 0
     lines = res.stdout.splitlines()
-    assert [ln.split()[0] for ln in lines] == list(gc.STAGE_NAMES)
+    assert [ln.split()[0] for ln in lines] == list(gs.STAGE_NAMES)
     assert all("(<= 6 min)" in ln for ln in lines)
 
 
 def test_stage_selection_keeps_the_stages_order_and_refuses_unknown_names():
     assert gc.parse_stages(["train,kernels"]) == ["kernels", "train"]
     assert gc.parse_stages(["profile", "install"]) == ["install", "profile"]
-    assert gc.parse_stages(None) == list(gc.STAGE_NAMES)
+    assert gc.parse_stages(None) == list(gs.STAGE_NAMES)
     with pytest.raises(SystemExit, match="unknown stage bench"):
         gc.parse_stages(["kernels,bench"])
 
 
 def test_every_stage_is_bounded_to_six_minutes():
-    plan = gc.Plan(dry=False, work=Path("/w"), out=Path("/o"))
-    assert plan.stage_limit_s <= 360 and gc.DRY_STAGE_LIMIT_S <= 360
+    plan = gs.Plan(dry=False, work=Path("/w"), out=Path("/o"))
+    assert plan.stage_limit_s <= 360 and gs.DRY_STAGE_LIMIT_S <= 360
     assert "--training" in plan.kernels_command() and "--device" in plan.kernels_command()
     assert plan.train_command()[:3] == ["bench", "train", "polydigits"] and "1.0" in plan.train_command()
     conv = plan.convergence_command()
@@ -82,30 +83,30 @@ def test_every_stage_is_bounded_to_six_minutes():
 
 def test_a_command_past_its_limit_is_killed(tmp_path):
     t0 = time.monotonic()
-    ran = gc.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+    ran = gs.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
                          env=dict(os.environ), timeout_s=2, log=tmp_path / "x.log")
     assert ran.rc is None and not ran.ok and time.monotonic() - t0 < 30
     assert "started" in ran.output and "killed at its time limit" in (tmp_path / "x.log").read_text()
 
 
-def _ctx(tmp_path, deadline=None) -> gc.Context:
-    return gc.Context(gc.Plan(dry=True, work=tmp_path, out=tmp_path / "out"), sys.executable, dict(os.environ),
+def _ctx(tmp_path, deadline=None) -> gs.Context:
+    return gs.Context(gs.Plan(dry=True, work=tmp_path, out=tmp_path / "out"), sys.executable, dict(os.environ),
                       deadline, tmp_path / "logs")
 
 
 def test_a_failed_stage_is_recorded_and_the_deadline_stops_new_ones(tmp_path):
     def failing(ctx, res, end):
-        gc._run_step(ctx, res, [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], end, "the step")
+        gs._run_step(ctx, res, [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], end, "the step")
 
-    res = gc.run_stage(_ctx(tmp_path), gc.Stage("bad", "fails", failing))
+    res = gs.run_stage(_ctx(tmp_path), gs.Stage("bad", "fails", failing))
     assert res.status == "failed" and "exit 3" in res.figure and "boom" in res.figure and "boom" in res.log_tail
-    late = gc.run_stage(_ctx(tmp_path, deadline=time.monotonic() + 5), gc.Stage("late", "never", failing))
+    late = gs.run_stage(_ctx(tmp_path, deadline=time.monotonic() + 5), gs.Stage("late", "never", failing))
     assert late.status == "not run" and "deadline" in late.figure
 
     def broken_reader(ctx, res, end):
         raise KeyError("median_ms")
 
-    res = gc.run_stage(_ctx(tmp_path), gc.Stage("reader", "reads", broken_reader))
+    res = gs.run_stage(_ctx(tmp_path), gs.Stage("reader", "reads", broken_reader))
     assert res.status == "failed" and "KeyError" in res.figure
 
 
@@ -120,18 +121,18 @@ def test_kernel_figures_take_the_best_fused_backend():
             _row("ext", speed, 2.0), _row("triton", speed, 0.1, mode="fwd"),
             _row("triton", roof, 5.0, gbps=40.0), _row("ext", roof, 4.0, gbps=60.0),
             _row("eager", roof, None, skipped="does not fit")]
-    f = gc.kernel_figures(rows, speed, roof)
+    f = gs.kernel_figures(rows, speed, roof)
     assert f["best_fused"] == "triton" and f["x_eager"] == pytest.approx(8.0) and f["x_compile"] == pytest.approx(2.4)
     assert f["roofline_backend"] == "ext" and f["roofline_fraction"] == pytest.approx(0.6)
-    none = gc.kernel_figures([_row("eager", speed, 10.0), _row("triton", speed, None, skipped="no triton")], speed,
+    none = gs.kernel_figures([_row("eager", speed, 10.0), _row("triton", speed, None, skipped="no triton")], speed,
                              roof)
     assert none["best_fused"] is None and none["x_eager"] is None and none["roofline_fraction"] is None
 
 
 def test_targets_are_judged_only_on_the_gpu():
-    res = {"train": gc.StageResult("train", values={"paper_minutes": 12.0}),
-           "kernels": gc.StageResult("kernels", values={"x_eager": 4.0, "x_compile": 1.6, "roofline_fraction": 0.7}),
-           "convergence": gc.StageResult("convergence", values={"reached_s": None})}
+    res = {"train": gs.StageResult("train", values={"paper_minutes": 12.0}),
+           "kernels": gs.StageResult("kernels", values={"x_eager": 4.0, "x_compile": 1.6, "roofline_fraction": 0.7}),
+           "convergence": gs.StageResult("convergence", values={"reached_s": None})}
     met = [t["met"] for t in gc.targets(res, dry=False)]
     assert met == [True, False, True, True, None]
     assert [t["met"] for t in gc.targets(res, dry=True)] == [None] * 5
@@ -146,7 +147,7 @@ def test_junit_counts_failures_and_skip_reasons(tmp_path):
         '</testcase><testcase classname="tests.test_cuda" name="test_c"><skipped message="ext on CUDA: not built"/>'
         '</testcase><testcase classname="tests.test_cuda" name="test_d"><skipped message="ext on CUDA: not built"/>'
         '</testcase></testsuite></testsuites>')
-    got = gc.read_junit(xml)
+    got = gs.read_junit(xml)
     assert (got["tests"], got["failures"], got["errors"], got["skipped"]) == (4, 1, 0, 2)
     assert got["failed"] == ["tests.test_cuda::test_b: AssertionError: off by 1"]
     assert got["skip_reasons"] == ["ext on CUDA: not built"]
@@ -166,10 +167,10 @@ def test_the_run_goes_on_past_failed_stages(tmp_path, monkeypatch, capsys):
         res.figure = "measured"
 
     def train(ctx, res, end):
-        raise gc.StageFailed("bench train", gc.Ran(None, 1.0, "step 1\n"))
+        raise gs.StageFailed("bench train", gs.Ran(None, 1.0, "step 1\n"))
 
-    monkeypatch.setattr(gc, "STAGES", (gc.Stage("install", "i", install), gc.Stage("kernels", "k", kernels),
-                                       gc.Stage("train", "t", train)))
+    monkeypatch.setattr(gs, "STAGES", (gs.Stage("install", "i", install), gs.Stage("kernels", "k", kernels),
+                                       gs.Stage("train", "t", train)))
     work, out = tmp_path / "work", tmp_path / "out"
     (work / "data" / "pd-tiny").mkdir(parents=True)  # the dry run's data, so that none is made
     rc = gc.main(["--dry-run", "--stage", "train,install,kernels", "--out", str(out), "--work", str(work)])
@@ -187,10 +188,10 @@ def test_a_pytest_run_cut_short_is_counted_from_its_lines():
            "tests/test_cuda.py::test_a[ext] FAILED      [  2%]\n"
            "tests/test_cuda.py::test_b SKIPPED (ext on CUDA: not built) [  3%]\n"
            "tests/test_cuda.py::test_c PASSED [  4%]\n[killed at its time limit of 360 s]\n")
-    got = gc.count_verbose(out)
+    got = gs.count_verbose(out)
     assert (got["tests"], got["failures"], got["skipped"], got["partial"]) == (4, 1, 1, True)
     assert got["failed"] == ["tests/test_cuda.py::test_a[ext]"]
-    assert gc.count_verbose("collected 0 items\n") is None
+    assert gs.count_verbose("collected 0 items\n") is None
 
 
 def test_the_build_takes_the_cmake_it_is_pointed_at(tmp_path, monkeypatch):
@@ -228,7 +229,7 @@ def test_the_gpu_plans_commands_are_accepted_by_the_cli(tmp_path, monkeypatch):
                         (Path("t.json"), [row]))
     monkeypatch.setattr(profiling, "profile_training", lambda cfg, **kw: seen.setdefault("profile", (cfg, kw)))
     monkeypatch.setattr(convergence, "run_convergence", lambda s, console: seen.setdefault("convergence", s))
-    plan = gc.Plan(dry=False, work=tmp_path, out=tmp_path / "out")
+    plan = gs.Plan(dry=False, work=tmp_path, out=tmp_path / "out")
     for cmd in (plan.kernels_command(), plan.train_command(), plan.profile_command(), plan.convergence_command()):
         res = CliRunner().invoke(app, cmd)
         assert res.exit_code == 0, (cmd, res.output)
@@ -253,15 +254,40 @@ def test_a_fused_backend_that_disagrees_is_dropped_and_the_others_timed(tmp_path
     def fake_step(ctx_, res, cmd, end, what, check=True):
         calls.append(cmd)
         if len(calls) == 1:
-            return gc.Ran(1, 1.0, "RuntimeError: bench kernels: mixture_logpdf [N=64 K=5 D=4] triton grad[0]\n"
+            return gs.Ran(1, 1.0, "RuntimeError: bench kernels: mixture_logpdf [N=64 K=5 D=4] triton grad[0]\n"
                                   "  disagrees with the reference: max error 3 (scale 1)\n")
         rows = [_row("eager", shape, 4.0), _row("compile", shape, 2.0), _row("ext", shape, 1.0, gbps=50.0)]
         (ctx_.plan.out / "kernels-cpu-1.json").write_text(json.dumps(rows))
-        return gc.Ran(0, 1.0, "")
+        return gs.Ran(0, 1.0, "")
 
-    monkeypatch.setattr(gc, "_run_step", fake_step)
-    res = gc.run_stage(ctx, next(s for s in gc.STAGES if s.name == "kernels"))
+    monkeypatch.setattr(gs, "_run_step", fake_step)
+    res = gs.run_stage(ctx, next(s for s in gs.STAGES if s.name == "kernels"))
     assert res.status == "warn" and len(calls) == 2
     assert calls[1][calls[1].index("--backends") + 1] == "eager,compile,ext"
     assert "triton" in res.values["disagrees"] and res.values["x_eager"] == pytest.approx(4.0)
     assert res.figure.startswith("bench kernels: mixture_logpdf") and res.files == ["kernels-cpu-1.json"]
+
+
+def test_the_reason_of_a_failure_is_the_exception_line():
+    rich_traceback = ("╭──── Traceback ────╮\n│ raise RuntimeError(msg) │\n╰───────────────────╯\n"
+                      "RuntimeError: torch.compile with fullgraph=True found no compiled frames. Skipped frames:\n"
+                      "  - forward (model.py:82): Dynamo tracing is disabled\n")
+    assert gs.why_it_failed(rich_traceback).startswith("RuntimeError: torch.compile with fullgraph=True")
+    assert gs.why_it_failed("loading\nerror: --device cuda: CUDA is not available\n").startswith("error: --device")
+    assert gs.why_it_failed("step 1\nstep 2\n╰─────╯\n") == "step 2"
+
+
+def test_where_the_package_cannot_be_installed_its_sources_go_on_the_path(tmp_path):
+    """An interpreter that does not see the installed package (here: this one without site-packages) is given
+    the source folders through a linked `cmvae_engine` under --work, as a lent machine whose pip refuses."""
+    py = tmp_path / "python"
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    py.chmod(0o755)
+    ctx = _ctx(tmp_path)
+    ctx.python = str(py)
+    ctx.env.pop("PYTHONPATH", None)
+    how = gs.ensure_importable(ctx, None, time.monotonic() + 60, install=False)
+    assert "PYTHONPATH" in how and (tmp_path / "pythonpath" / "cmvae_engine" / "kernels").resolve() == ROOT / "kernels"
+    ran = gs.run_command([str(py), "-c", "import cmvae_engine.bench.gpu_stages as m; print(m.ROOT)"], env=ctx.env,
+                         timeout_s=60, log=tmp_path / "import.log")
+    assert ran.ok and str(ROOT) in ran.output

@@ -111,8 +111,11 @@ def test_cli_convert(raw, tmp_path: Path) -> None:
     result = CliRunner().invoke(data_app, ["convert", "polymnist", str(src), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert read_dataset(tmp_path / "out").split("train").n == N_TRAIN - 2
-    result = CliRunner().invoke(data_app, ["convert", "cubicc", str(src), str(tmp_path / "x")])
-    assert result.exit_code == 2 and "polymnist" in result.stderr
+    result = CliRunner().invoke(data_app, ["convert", "mnist-svhn", str(src), str(tmp_path / "x")])
+    assert result.exit_code == 2 and "polymnist" in result.stderr  # the known kinds are listed
+    # a PolyMNIST folder given as CUBICC: the missing CUBICC file is named, nothing is written
+    result = CliRunner().invoke(data_app, ["convert", "cubicc", str(src), str(tmp_path / "y")])
+    assert result.exit_code == 2 and "cub.vocab" in result.stderr and not (tmp_path / "y").exists()
 
 
 def test_resolve_converts_raw_polymnist_once(raw, caplog) -> None:

@@ -39,11 +39,11 @@ def main() -> None:
     a = p.parse_args()
     run = Path(a.run_dir)
     result = json.loads((run / "eval_diffusion.json").read_text())
-    metrics = [json.loads(x) for x in (run / "diffusion" / "metrics.jsonl").read_text().splitlines()]
     table = goal_table(result)
     table.update(split=result["split"], sampler=result["sampler"], steps=result["steps"],
                  n_unconditional=result["n_unconditional"], n_conditional=result["n_conditional"],
-                 denoiser=result["denoiser"], train_minutes=a.train_minutes, train_steps=metrics[-1]["step"],
+                 denoiser=result["denoiser"], train_minutes=a.train_minutes,
+                 train_steps=result["denoiser"]["steps_trained"],
                  load_average_now=[round(v, 2) for v in os.getloadavg()], run_info=result["run_info"],
                  classifiers=result["classifiers"], note=a.note)
     atomic_write_json(a.out, table)

@@ -29,6 +29,12 @@ def _act(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, NEG_SLOPE)
 
 
+def _act_(x: torch.Tensor) -> torch.Tensor:
+    """In place, for an input nothing else reads: autograd then keeps one tensor (the output, from which the
+    slope > 0 backward is exact) instead of input and output; the same values."""
+    return F.leaky_relu(x, NEG_SLOPE, inplace=True)
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block: shortcut(x) + 0.1 * conv(act(conv(act(x))))."""
 
@@ -41,7 +47,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        return skip + 0.1 * self.conv1(_act(self.conv0(_act(x))))
+        return skip + 0.1 * self.conv1(_act_(self.conv0(_act(x))))
 
 
 class Tower(nn.Module):
@@ -109,7 +115,7 @@ class Decoder(nn.Module):
     def forward(self, wz: torch.Tensor) -> torch.Tensor:
         h = self.fc(wz).view(-1, self.c3, BOTTOM, BOTTOM)
         if not self.fold_upsampling:
-            return self.out(_act(self.body(h)))
+            return self.out(_act_(self.body(h)))
         layers = list(self.body)
         i = 0
         while i < len(layers):
@@ -121,7 +127,7 @@ class Decoder(nn.Module):
             else:
                 h = layer(h)
                 i += 1
-        return self.out(_act(h))
+        return self.out(_act_(h))
 
 
 def count_parameters(module: nn.Module) -> int:

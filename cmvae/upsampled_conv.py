@@ -68,4 +68,4 @@ def upsampled_block(block: nn.Module, x: torch.Tensor, act: Callable[[torch.Tens
     upsampling moved past everything that commutes with it (`act` is elementwise)."""
     skip = upsample2(x if block.shortcut is None else block.shortcut(x))
     inner = conv3x3_of_upsampled(act(x), block.conv0.weight, block.conv0.bias)
-    return skip + 0.1 * block.conv1(act(inner))
+    return skip + 0.1 * block.conv1(act(inner))  # (inner is fresh: an in-place act would do as well)

@@ -99,10 +99,12 @@ def load_reference(path: str | Path) -> tuple[type, types.ModuleType, bool]:
 def reference_params(cfg) -> argparse.Namespace:
     """Their training script's arguments for our configuration."""
     m = cfg.model
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     return argparse.Namespace(priorposterior="Laplace" if m.family == "laplace" else "Normal",
                               latent_dim_w=m.w_dim, latent_dim_z=m.z_dim, latent_dim_c=m.n_clusters,
                               learn_prior_c=True, beta=cfg.beta, llik_scaling=0.0, K=cfg.n_samples,
-                              obj=cfg.objective, batch_size=cfg.optim.batch_size, datadir=".")
+                              obj=cfg.objective, batch_size=cfg.optim.batch_size, datadir=".",
+                              no_cuda=not cuda)
 
 
 # ----- workers ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmvae_engine.cmvae.networks import Encoder, ResBlock, Tower, _act
+from cmvae_engine.cmvae.networks import Encoder, ResBlock, Tower, _act, _act_
 
 
 def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -28,7 +28,7 @@ def _grouped_block(blocks: list[ResBlock], h: torch.Tensor) -> torch.Tensor:
     w1, b1 = _cat([b.conv1.weight for b in blocks]), _cat([b.conv1.bias for b in blocks])
     skip = h if blocks[0].shortcut is None else F.conv2d(h, _cat([b.shortcut.weight for b in blocks]), groups=groups)
     inner = F.conv2d(_act(h), w0, b0, padding=1, groups=groups)
-    return skip + 0.1 * F.conv2d(_act(inner), w1, b1, padding=1, groups=groups)
+    return skip + 0.1 * F.conv2d(_act_(inner), w1, b1, padding=1, groups=groups)
 
 
 def _grouped_heads(towers: list[Tower], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmvae_engine.cmvae.upsampled_conv import upsampled_block
+
 NEG_SLOPE = 0.2  # leaky_relu slope of the reference
 IMAGE_SIZE = 28
 BOTTOM = 7  # spatial size after two stride-2 pools
@@ -27,6 +29,12 @@ def _act(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, NEG_SLOPE)
 
 
+def _act_(x: torch.Tensor) -> torch.Tensor:
+    """In place, for an input nothing else reads: autograd then keeps one tensor (the output, from which the
+    slope > 0 backward is exact) instead of input and output; the same values."""
+    return F.leaky_relu(x, NEG_SLOPE, inplace=True)
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block: shortcut(x) + 0.1 * conv(act(conv(act(x))))."""
 
@@ -39,7 +47,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        return skip + 0.1 * self.conv1(_act(self.conv0(_act(x))))
+        return skip + 0.1 * self.conv1(_act_(self.conv0(_act(x))))
 
 
 class Tower(nn.Module):
@@ -99,9 +107,27 @@ class Decoder(nn.Module):
         )
         self.out = nn.Conv2d(c1, out_channels, 3, padding=1)
 
+    # Blocks after an upsampling convolve the low-resolution input per output phase (cmvae/upsampled_conv.py):
+    # the same values to rounding with ~20% fewer multiply-adds, but slower on the CPU measured (oneDNN runs 2x2
+    # kernels poorly: docs/step_cpu.md), so off by default.
+    fold_upsampling: bool = False
+
     def forward(self, wz: torch.Tensor) -> torch.Tensor:
         h = self.fc(wz).view(-1, self.c3, BOTTOM, BOTTOM)
-        return self.out(_act(self.body(h)))
+        if not self.fold_upsampling:
+            return self.out(_act_(self.body(h)))
+        layers = list(self.body)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.Upsample) and i + 1 < len(layers) and isinstance(layers[i + 1], ResBlock) \
+                    and layer.mode == "nearest" and layer.scale_factor in (2, 2.0):
+                h = upsampled_block(layers[i + 1], h, _act)
+                i += 2
+            else:
+                h = layer(h)
+                i += 1
+        return self.out(_act_(h))
 
 
 def count_parameters(module: nn.Module) -> int:

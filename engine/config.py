@@ -96,7 +96,7 @@ class StepConfig:
     cuda_graphs: bool = False
     """Replay the compiled step as CUDA graphs (torch.compile mode `reduce-overhead`); needs compile and CUDA."""
     channels_last: bool | None = None
-    """channels_last weights and inputs for the convolutions; None: on for CUDA, off on CPU."""
+    """channels_last weights and inputs for the convolutions; None: on (CUDA and CPU: faster on both measured)."""
     cudnn_benchmark: bool = True
     """Let cuDNN pick the fastest convolution algorithms for the (static) shapes; CUDA only."""
     fused_adam: bool | None = None

@@ -61,7 +61,8 @@ def resolve_options(cfg: StepConfig, device: torch.device) -> StepOptions:
         amp_dtype=AMP_DTYPE[cfg.amp_dtype] if amp else None,
         compile=cfg.compile,
         cuda_graphs=cfg.cuda_graphs,
-        channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
+        # On CPU too: oneDNN's NHWC convolutions skip the per-call reorders (measured faster, docs/step_cpu.md).
+        channels_last=True if cfg.channels_last is None else cfg.channels_last,
         cudnn_benchmark=cfg.cudnn_benchmark and cuda,
         fused_adam=cuda if cfg.fused_adam is None else cfg.fused_adam,
         per_pair=cfg.decode_per_pair,

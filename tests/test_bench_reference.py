@@ -21,7 +21,7 @@ from utils import Constants
 class PolyMNIST_5modalities(nn.Module):
     def __init__(self, params):
         super().__init__()
-        assert params.latent_dim_c == 4 and params.priorposterior == "Laplace"
+        assert params.latent_dim_c == 4 and params.priorposterior == "Laplace" and params.no_cuda
         self.lin = nn.Linear(3 * 28 * 28, params.latent_dim_z)
         self.frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
 '''

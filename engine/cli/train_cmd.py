@@ -95,7 +95,7 @@ def train_flags(
                                                                 "last partial batch: static shapes).")] = False,
     cuda_graphs: Annotated[bool, Opt(help="Replay the compiled step as CUDA graphs (needs --compile).")] = False,
     channels_last: Annotated[bool | None, Opt("--channels-last/--no-channels-last", help="channels_last "
-                                              "convolutions (default: on for CUDA).", show_default=False)] = None,
+                                              "convolutions (default: on).", show_default=False)] = None,
     per_pair_decoders: Annotated[bool, Opt(help="One decoder call per (source, target) pair, as the reference.")]
     = False,
     batch_encoders: Annotated[bool, Opt("--batch-encoders/--no-batch-encoders", help="All 2M encoder towers as "

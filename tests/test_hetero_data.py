@@ -172,3 +172,27 @@ def test_cubicc_shaped_data_for_the_bench(tmp_path, monkeypatch):
     assert args == [*CUBICC_FLAGS, "--width", "0.0625"]  # given flags come last and override
     with pytest.raises(ValueError, match="cubicc"):
         _shaped("svhn", [])
+
+
+def _info(tmp_path, shapes, kinds=None):
+    info = [{"kind": "image", "shape": list(s)} for s in shapes]
+    for k, extra in (kinds or {}).items():
+        info[k].update(extra)
+    return {"root": str(tmp_path), "modalities": [f"m{k}" for k in range(len(shapes))],
+            "image_shapes": [list(s) for s in shapes], "modality_info": info}
+
+
+def test_which_data_gets_per_modality_networks(tmp_path):
+    from cmvae_engine.cmvae.config import ModelConfig
+    from cmvae_engine.engine.tasks.modality_fit import fit_modalities
+
+    model = ModelConfig()
+    assert fit_modalities(model, _info(tmp_path, [(3, 28, 28), (3, 28, 28)])) is None  # the original CMVAE
+    specs = fit_modalities(model, _info(tmp_path, [(3, 32, 32), (1, 64, 64)]))
+    assert [(s["size"], s["channels"], s["likelihood_scale"]) for s in specs] == [(32, 3, 0.75), (64, 1, 0.75)]
+    text = {"kind": "text", "shape": [12], "vocab_size": 9, "pad_id": 0, "end_id": 1}
+    with pytest.raises(DataError, match="multiples of 8") as info:
+        fit_modalities(model, _info(tmp_path, [(3, 28, 28), (12,)], {1: text}))
+    assert "m1.npy" in str(info.value)
+    with pytest.raises(DataError, match="4 channels"):
+        fit_modalities(model, _info(tmp_path, [(4, 32, 32), (3, 32, 32)]))

@@ -145,3 +145,30 @@ def test_step_flops_count_every_network_per_source():
     assert dec[1] > 16 * 128 * 20
     expected = 6.0 * (4 * sum(enc) + 4 * 3 * 2 * sum(dec))  # batch 4, S 3, M 2 sources per target
     assert hetero_step_flops(cfg, 4, 3) == expected
+
+
+def test_modalities_index_like_a_stacked_tensor():
+    from cmvae_engine.cmvae.clustering import to_float
+    from cmvae_engine.engine.loaders import ResidentLoader, stack_modalities
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    tokens = torch.randint(0, 20, (6, 16))
+    x = Modalities([images, tokens])
+    assert x.shape[:2] == (2, 6) and x[1] is tokens
+    assert torch.equal(x[:, 2:4][0], images[2:4]) and torch.equal(x[1, 3:], tokens[3:])
+    idx = torch.tensor([5, 0])
+    assert torch.equal(x.index_select(1, idx)[1], tokens[idx])
+    f = to_float(x)
+    assert f[0].dtype == torch.float32 and float(f[0].max()) <= 1.0 and f[1].dtype == torch.int64
+    stacked = stack_modalities([images.numpy(), tokens.numpy()])
+    assert isinstance(stacked, Modalities) and torch.equal(stacked[1], tokens)
+    assert isinstance(stack_modalities([images.numpy(), images.numpy()]), torch.Tensor)  # alike images: one tensor
+    loader = ResidentLoader(x, batch_size=4, seed=0)
+    batches = list(loader.epoch(0))
+    assert [b.shape[1] for b in batches] == [4, 2]
+    seen = torch.cat([b[1] for b in batches])
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, tokens.tolist()))  # every tuple once, aligned
+    rows = {tuple(t.tolist()): i for i, t in enumerate(tokens)}
+    for b in batches:
+        for img, tok in zip(b[0], b[1], strict=True):
+            assert torch.equal(img, images[rows[tuple(tok.tolist())]])

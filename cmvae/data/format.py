@@ -139,6 +139,8 @@ def write_dataset(
     """
     root = Path(root)
     vocabs = vocabs or {}
+    if vocabs and specs is None:
+        raise DataError("vocabularies given without modality specs", fix="pass specs with a text spec per vocabulary")
     if specs is not None:
         for k, spec in enumerate(specs):
             if spec.kind == "text" and k not in vocabs:

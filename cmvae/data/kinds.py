@@ -126,7 +126,7 @@ def read_vocab(path: Path) -> list[str]:
             raise DataError("vocabulary `i2w` keys must be integer ids", path=path, fix=fix) from None
         if ids != list(range(len(ids))):
             raise DataError(f"vocabulary `i2w` ids are not 0..{len(ids) - 1} each once", path=path, fix=fix)
-        words = [i2w[str(i)] if str(i) in i2w else i2w[i] for i in ids]
+        words = [i2w[str(i)] for i in ids]
     elif isinstance(raw, list):
         words = raw
     else:

@@ -17,7 +17,7 @@ from cmvae_engine.cmvae.networks_cub import EMBEDDING
 _OVERRIDES = ("likelihood", "likelihood_scale", "llik_scaling")
 
 
-def is_heterogeneous(data_info: dict) -> bool:
+def data_is_heterogeneous(data_info: dict) -> bool:
     info = data_info.get("modality_info")
     if not info:
         return False
@@ -27,7 +27,7 @@ def is_heterogeneous(data_info: dict) -> bool:
 
 def fit_modalities(model: ModelConfig, data_info: dict) -> list[dict] | None:
     """The model's per-modality specs for heterogeneous data (None: the original CMVAE fits it)."""
-    if not is_heterogeneous(data_info):
+    if not data_is_heterogeneous(data_info):
         return None
     root = Path(data_info["root"])
     specs = []

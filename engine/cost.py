@@ -34,15 +34,16 @@ def project(total_steps: int, done_steps: int, seconds: float, measured_steps: i
 
 
 def cost_warning(p: Projection, what: str, device: str, threshold_s: float | None = None,
-                 first_step: bool = False) -> str | None:
+                 first_step: bool = False, quick_start_hint: bool = True) -> str | None:
     """The message for a run that will take longer than `threshold_s` (default LONG_RUN_S), or None.
 
     `what` describes the run (recipe, width, epochs); `device` names where it runs (`cpu`, `cuda`);
-    `first_step`: the measurement is the first step alone (one-off costs included)."""
+    `first_step`: the measurement is the first step alone (one-off costs included); `quick_start_hint`: point a CPU
+    user to the README's quick start (for the clustering models it trains)."""
     if p.remaining_s <= (LONG_RUN_S if threshold_s is None else threshold_s):
         return None
     hint = ("; on a CPU the README's quick start (--recipe fast --width 0.125 --epochs 3) reaches clusters in "
-            "minutes" if device == "cpu" else "")
+            "minutes" if device == "cpu" and quick_start_hint else "")
     measured = (f"the first step took {p.seconds_per_step:.3g} s, one-off costs included; measuring further" if
                 first_step else f"measured {p.seconds_per_step:.3g} s/step over {p.measured_steps} steps")
     return (f"{what} = {p.total_steps:,} steps: about {format_duration(p.remaining_s)} more on this {device} "

@@ -502,14 +502,16 @@ class _Loop:
         cfg = self.cfg
         width = getattr(cfg.model, "width", None)
         size = "" if width is None else (", full width" if width >= 1 else f", width {width:g}")
-        what = (f"{cfg.recipe} recipe{size}, {cfg.optim.epochs} epochs"
+        kind = getattr(cfg.model, "kind", "")
+        clustering = kind in ("cmvae", "mmvaeplus")  # the recipes and the quick-start hint are theirs
+        what = ((f"{cfg.recipe} recipe{size}" if clustering else f"{kind}{size}") + f", {cfg.optim.epochs} epochs"
                 + (f" (--max-steps {cfg.optim.max_steps})" if cfg.optim.max_steps is not None else ""))
         if steps_done == first:  # a first look: step 1 holds one-off costs, so this over-estimates a little
             p = project(self.total_steps, self.state.step, times[first] - times[0], first)
-            message = cost_warning(p, what, self.eng.device.type, first_step=True)
+            message = cost_warning(p, what, self.eng.device.type, first_step=True, quick_start_hint=clustering)
         elif steps_done == last and first in times:
             p = project(self.total_steps, self.state.step, times[last] - times[first], last - first)
-            message = cost_warning(p, what, self.eng.device.type)
+            message = cost_warning(p, what, self.eng.device.type, quick_start_hint=clustering)
         else:
             return
         if message:

@@ -58,6 +58,9 @@ def test_cost_projection_and_warning():
     assert cost.cost_warning(p, "x", "cuda") is not None and "quick start" not in cost.cost_warning(p, "x", "cuda")
     short = cost.project(total_steps=100, done_steps=4, seconds=3.0, measured_steps=3)
     assert cost.cost_warning(short, "x", "cpu") is None  # 96 s: nothing to say
+    # a model the quick start does not train (e.g. the diffusion stage) gets the cost without the hint
+    other = cost.cost_warning(p, "dcmvae, 50 epochs", "cpu", quick_start_hint=False)
+    assert other is not None and other.startswith("dcmvae, 50 epochs") and "quick start" not in other
     assert "first step took" in cost.cost_warning(short, "x", "cpu", threshold_s=10, first_step=True)
     with pytest.raises(ValueError):
         cost.project(10, 0, 1.0, 0)

@@ -84,15 +84,7 @@ class HeteroCMVAE(CMVAE):
     # ----- generation (Modalities out) ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, n: int, cluster: int | None = None, generator: torch.Generator | None = None) -> Modalities:
-        log_pi, loc, scale = self.prior_params()
-        if cluster is None:
-            c = torch.multinomial(log_pi.exp(), n, replacement=True, generator=generator)
-        else:
-            if not 0 <= cluster < self.config.n_clusters or not bool(self.cluster_active[cluster]):
-                raise ValueError(f"cluster {cluster} is not an active cluster of this model")
-            c = torch.full((n,), cluster, dtype=torch.long, device=loc.device)
-        z = rsample(loc[c], scale[c], self.config.family, generator=generator)
-        w = self._sample_w_prior((self.config.n_modalities, n), z, generator)
+        z, w = self.prior_draw(n, cluster, generator)
         return Modalities([self.output(m, self.decode_pair(m, z, w[m])) for m in range(self.config.n_modalities)])
 
     @torch.no_grad()

@@ -154,9 +154,10 @@ class CMVAE(nn.Module):
         return rsample(loc, torch.full_like(loc, self.w_prior_scale), self.config.family, generator=generator)
 
     @torch.no_grad()
-    def generate(self, n: int, cluster: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Unconditional samples [M, n, C, H, W] in [0, 1]: c ~ Cat(pi) (or the given cluster),
-        z ~ p(z|c), w_m ~ p(w_m)."""
+    def prior_draw(self, n: int, cluster: int | None = None, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws from the generative model's latents: c ~ Cat(pi) (or the given active cluster), z ~ p(z|c)
+        [n, Dz], w_m ~ p(w_m) [M, n, Dw]."""
         log_pi, loc, scale = self.prior_params()
         if cluster is None:
             c = torch.multinomial(log_pi.exp(), n, replacement=True, generator=generator)
@@ -165,7 +166,12 @@ class CMVAE(nn.Module):
                 raise ValueError(f"cluster {cluster} is not an active cluster of this model")
             c = torch.full((n,), cluster, dtype=torch.long, device=loc.device)
         z = rsample(loc[c], scale[c], self.config.family, generator=generator)
-        w = self._sample_w_prior((self.config.n_modalities, n), z, generator)
+        return z, self._sample_w_prior((self.config.n_modalities, n), z, generator)
+
+    def generate(self, n: int, cluster: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unconditional samples [M, n, C, H, W] in [0, 1]: c ~ Cat(pi) (or the given cluster),
+        z ~ p(z|c), w_m ~ p(w_m)."""
+        z, w = self.prior_draw(n, cluster, generator)
         return torch.stack([self.decode_pair(m, z, w[m]) for m in range(self.config.n_modalities)]).clamp(0, 1)
 
     @torch.no_grad()

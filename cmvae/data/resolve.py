@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cmvae_engine.cmvae.data import polydigits_captions as captions
@@ -62,7 +63,13 @@ def resolve_dataset(
 def _polydigits(root: Path, n_modalities: int | None, seed: int, progress: ProgressFn | None) -> Path:
     m = DEFAULT_MODALITIES if n_modalities is None else n_modalities
     folder = root / ("polydigits" if m == DEFAULT_MODALITIES else f"polydigits-m{m}")
-    wanted = generator_params(n_modalities=m, seed=seed)
+    return _cached(folder, generator_params(n_modalities=m, seed=seed), f"polydigits (M={m}, seed={seed})",
+                   lambda: synth_polydigits(folder, n_modalities=m, seed=seed, progress=progress))
+
+
+def _cached(folder: Path, wanted: dict, what: str, synth: Callable[[], Path]) -> Path:
+    """A synthesised data set's folder: reused when its manifest records the generator parameters `wanted`, else
+    (absent, stale or unreadable) synthesised afresh by `synth`."""
     try:
         found = (read_manifest(folder) or {}).get("generator")
     except DataError:
@@ -70,8 +77,8 @@ def _polydigits(root: Path, n_modalities: int | None, seed: int, progress: Progr
     if found == wanted:
         return folder
     reason = "absent" if not (folder / MANIFEST).exists() else f"generated with other parameters ({found})"
-    log.info("synthesising polydigits (M=%d, seed=%d) in %s: cache %s", m, seed, folder, reason)
-    return synth_polydigits(folder, n_modalities=m, seed=seed, progress=progress)
+    log.info("synthesising %s in %s: cache %s", what, folder, reason)
+    return synth()
 
 
 def _polymnist(root: Path, seed: int, progress: ProgressFn | None) -> Path:
@@ -97,24 +104,11 @@ def _facetdigits(root: Path, seed: int, progress: ProgressFn | None) -> Path:
     from cmvae_engine.cmvae.data.facetdigits import synth_facetdigits
 
     folder = root / "facetdigits"
-    try:
-        found = (read_manifest(folder) or {}).get("generator")
-    except DataError:
-        found = None
-    if found == facet_params(seed=seed):
-        return folder
-    log.info("synthesising facetdigits (seed=%d) in %s", seed, folder)
-    return synth_facetdigits(folder, seed=seed, progress=progress)
+    return _cached(folder, facet_params(seed=seed), f"facetdigits (seed={seed})",
+                   lambda: synth_facetdigits(folder, seed=seed, progress=progress))
 
 
 def _polydigits_captions(root: Path, seed: int, progress: ProgressFn | None) -> Path:
     folder = root / captions.NAME
-    wanted = captions.generator_params(seed=seed)
-    try:
-        found = (read_manifest(folder) or {}).get("generator")
-    except DataError:
-        found = None  # an unreadable manifest is just a stale cache: regenerate
-    if found == wanted:
-        return folder
-    log.info("synthesising %s (seed=%d) in %s", captions.NAME, seed, folder)
-    return captions.synth_polydigits_captions(folder, seed=seed, progress=progress)
+    return _cached(folder, captions.generator_params(seed=seed), f"{captions.NAME} (seed={seed})",
+                   lambda: captions.synth_polydigits_captions(folder, seed=seed, progress=progress))

@@ -23,7 +23,6 @@ from torch import nn
 
 from cmvae_engine import kernels
 from cmvae_engine.cmvae.config import ModelConfig
-from cmvae_engine.cmvae.distributions import rsample, scale_from_raw
 from cmvae_engine.cmvae.modalities import Modalities
 from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.cmvae.networks_cub import build_decoder, build_encoder, has_batchnorm
@@ -90,13 +89,7 @@ class HeteroCMVAE(CMVAE):
     @torch.no_grad()
     def generate_conditional(self, x: torch.Tensor, source: int,
                              generator: torch.Generator | None = None, own_w: bool = False) -> Modalities:
-        # as CMVAE.generate_conditional: with `own_w` the source itself is a self-reconstruction
-        z_loc, z_raw, w_loc, w_raw = self.encoders[source](x)
-        fam = self.config.family
-        z = rsample(z_loc, scale_from_raw(z_raw, fam), fam, generator=generator)
-        w = self._sample_w_prior((self.config.n_modalities, x.shape[0]), z, generator)
-        if own_w:
-            w[source] = rsample(w_loc, scale_from_raw(w_raw, fam), fam, generator=generator)
+        z, w = self.conditional_draw(x, source, generator, own_w)  # as CMVAE.generate_conditional
         return Modalities([self.output(m, self.decode_pair(m, z, w[m])) for m in range(self.config.n_modalities)])
 
     @torch.no_grad()

@@ -181,13 +181,20 @@ class CMVAE(nn.Module):
         from the standard prior -> [M, B, C, H, W] in [0, 1]. With `own_w` the source modality itself is decoded
         with its own w ~ q_s(w|x) instead (a self-reconstruction: the diagonal of the reference's self- and
         cross-modal generation, which coherence and FID use)."""
+        z, w = self.conditional_draw(x, source, generator, own_w)
+        return torch.stack([self.decode_pair(m, z, w[m]) for m in range(self.config.n_modalities)]).clamp(0, 1)
+
+    def conditional_draw(self, x: torch.Tensor, source: int, generator: torch.Generator | None = None,
+                         own_w: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents of generation conditioned on modality `source` (x: its batch of B): z ~ q_s(z|x) [B, Dz] and
+        w_m ~ p(w_m) [M, B, Dw], with w_s ~ q_s(w|x) instead when `own_w`."""
         z_loc, z_raw, w_loc, w_raw = self.encoders[source](x)
         fam = self.config.family
         z = rsample(z_loc, scale_from_raw(z_raw, fam), fam, generator=generator)
         w = self._sample_w_prior((self.config.n_modalities, x.shape[0]), z, generator)
         if own_w:
             w[source] = rsample(w_loc, scale_from_raw(w_raw, fam), fam, generator=generator)
-        return torch.stack([self.decode_pair(m, z, w[m]) for m in range(self.config.n_modalities)]).clamp(0, 1)
+        return z, w
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -239,21 +239,42 @@ class FastRecipeConfig:
                     raise ConfigError(f"{flag}: unknown element {n!r}. Fix: choose from {', '.join(FAST_ELEMENTS)}")
                 kw[n.replace("-", "_")] = on
         switches = {e.replace("-", "_") for e in FAST_ELEMENTS}
-        types = {f.name: type(getattr(cls(), f.name)) for f in fields(cls) if f.name not in switches}
-        for item in (x.strip() for x in settings.split(",")):
-            if not item:
-                continue
-            key, sep, value = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in types:
-                raise ConfigError(f"--fast-set: expected key=value, got {item!r}. Fix: use keys among "
-                                  f"{', '.join(sorted(types))} (docs/recipes.md)")
-            try:
-                kw[key] = types[key](value)
-            except ValueError:
-                raise ConfigError(f"--fast-set: {key} needs a {types[key].__name__}, got {value!r}. Fix: pass e.g. "
-                                  f"--fast-set {key}={getattr(cls(), key)}") from None
+        defaults = {f.name: getattr(cls(), f.name) for f in fields(cls) if f.name not in switches}
+        kw.update(parse_key_values(settings, defaults, "--fast-set", keys_hint=" (docs/recipes.md)"))
         return cls(**kw)
+
+
+def parse_key_values(text: str, defaults: dict, flag: str, keys_hint: str = "") -> dict:
+    """A `key=value,...` settings flag (`--fast-set`, `--mfcvae-set`) -> {field: value}, each value parsed as the type
+    of its default in `defaults` (the settable fields): lists are colon-separated integers (one per facet), booleans
+    true/false/1/0. Dashes in keys read as underscores. A bad item is a ConfigError naming the flag and the fix."""
+    out: dict = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in defaults:
+            raise ConfigError(f"{flag}: expected key=value, got {item!r}. Fix: use keys among "
+                              f"{', '.join(sorted(defaults))}{keys_hint}")
+        kind = type(defaults[key])
+        try:
+            if kind is list:
+                out[key] = [int(v) for v in value.split(":")]
+            elif kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = kind(value)
+        except ValueError:
+            example = defaults[key]
+            example = ":".join(map(str, example)) if kind is list else str(example).lower() if kind is bool \
+                else str(example)
+            raise ConfigError(f"{flag}: {key} needs a {kind.__name__}"
+                              f"{' (colon-separated integers, one per facet)' if kind is list else ''}, got "
+                              f"{value!r}. Fix: pass e.g. {flag} {key}={example}") from None
+    return out
 
 
 @dataclass

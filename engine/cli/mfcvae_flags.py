@@ -7,8 +7,8 @@ from dataclasses import fields
 
 from cmvae_engine.cmvae.checks import ConfigError
 from cmvae_engine.cmvae.mfcvae.config import MFCVAEConfig
+from cmvae_engine.engine.config import parse_key_values
 
-_LISTS = ("n_clusters", "z_dims", "hidden")
 _NOT_SETTABLE = ("kind", "n_facets", "n_clusters", "n_modalities", "image_channels", "image_size")
 
 
@@ -34,36 +34,8 @@ def default_hidden(n_facets: int) -> list[int]:
 
 def parse_settings(text: str) -> dict:
     """`--mfcvae-set z_dims=5:5,solo_steps=800` -> {"z_dims": [5, 5], "solo_steps": 800} (lists colon-separated)."""
-    types = {f.name: type(getattr(MFCVAEConfig(), f.name)) for f in fields(MFCVAEConfig)
-             if f.name not in _NOT_SETTABLE}
-    out: dict = {}
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in types:
-            raise ConfigError(f"--mfcvae-set: expected key=value, got {item!r}. Fix: use keys among "
-                              f"{', '.join(sorted(types))}")
-        try:
-            if types[key] is list:
-                out[key] = [int(v) for v in value.split(":")]
-            elif types[key] is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[key] = value.lower() in ("true", "1")
-            else:
-                out[key] = types[key](value)
-        except ValueError:
-            raise ConfigError(f"--mfcvae-set: {key} needs a {types[key].__name__}"
-                              f"{' (colon-separated integers, one per facet)' if types[key] is list else ''}, got "
-                              f"{value!r}. Fix: pass e.g. --mfcvae-set {key}={_example(key)}") from None
-    return out
-
-
-def _example(key: str) -> str:
-    value = getattr(MFCVAEConfig(), key)
-    return ":".join(map(str, value)) if isinstance(value, list) else str(value).lower()
+    defaults = {f.name: getattr(MFCVAEConfig(), f.name) for f in fields(MFCVAEConfig) if f.name not in _NOT_SETTABLE}
+    return parse_key_values(text, defaults, "--mfcvae-set")
 
 
 def mfcvae_model_config(flags: dict) -> MFCVAEConfig:

@@ -32,9 +32,10 @@ from cmvae_engine.engine.run_info import cpu_name, git_commit
 
 CAPTURED, NOT_CAPTURED = 0.8, 0.15
 LOAD_EVERY = 15.0
-TRAIN_FLAGS = ["facetdigits", "--model", "mfcvae", "--facets", "2", "--clusters", "4,4", "--epochs", "25",
+TRAIN_FLAGS = ["facetdigits", "--model", "mfcvae", "--facets", "2", "--clusters", "4,4", "--epochs", "60",
                "--batch-size", "64", "--lr", "1e-3", "--eval-every", "5", "--threads", "1",
-               "--mfcvae-set", "solo_steps=300,fade_steps=300"]
+               "--mfcvae-set", "solo_steps=300,fade_steps=300,rung_scale=1.0,learn_pi=false,refit=true,"
+                               "refit_every=940"]
 """The measured recipe (README: MFCVAE); `train`'s extra flags come after these and override them."""
 
 

@@ -31,7 +31,8 @@ RESULT = "eval_diffusion.json"
 
 def eval_diffusion(run_dir: str | Path, *, diffusion_dir: str | Path | None = None, split: str = "test",
                    n_unconditional: int = 1000, n_conditional: int = 500, sampler: str = "ddim", steps: int = 50,
-                   eta: float = 0.0, classifiers: str | Path | None = None, inception_weights: str | Path | None = None,
+                   eta: float = 0.0, strength: float = 1.0, classifiers: str | Path | None = None,
+                   inception_weights: str | Path | None = None,
                    batch_size: int = 250, seed: int = 0, device: str = "auto", data_root: str | Path | None = None,
                    out: str | Path | None = None, console: Console | None = None) -> dict:
     from cmvae_engine.engine.trainer import resolve_device
@@ -58,7 +59,8 @@ def eval_diffusion(run_dir: str | Path, *, diffusion_dir: str | Path | None = No
     real = to_float(images.to(dev))
     g = torch.Generator(device=dev)
     g.manual_seed(seed)
-    kw = dict(sampler=sampler, steps=min(steps, model.config.timesteps), eta=eta, eps_fns=sampling_fns(model, dev))
+    kw = dict(sampler=sampler, steps=min(steps, model.config.timesteps), eta=eta, strength=strength,
+              eps_fns=sampling_fns(model, dev))
     with Board(console) as board, board.phase(
             f"eval --diffusion: {n_unconditional} unconditional + {m} x {min(n_conditional, real.shape[1])} "
             f"conditional samples, CMVAE and D-CMVAE ({sampler})", done_line=False) as bar:
@@ -66,7 +68,7 @@ def eval_diffusion(run_dir: str | Path, *, diffusion_dir: str | Path | None = No
                                  n_conditional=n_conditional, batch_size=batch_size, generator=g,
                                  inception=inception, progress=bar, **kw)
     result = {"diffusion_run": str(folder), "cmvae_checkpoint": model.config.cmvae_checkpoint, "split": used,
-              "sampler": sampler, "steps": kw["steps"], "eta": eta, "seed": seed,
+              "sampler": sampler, "steps": kw["steps"], "eta": eta, "strength": strength, "seed": seed,
               "denoiser": {"base": model.config.base, "reduced": model.config.reduced,
                            "steps_trained": int(model.ema_updates)},
               "classifiers": clf.describe(), "weak_classifiers": weak_classifiers(clf.test_accuracy),

@@ -60,7 +60,8 @@ def sampling_fns(model: DCMVAE, device: torch.device, compiled: bool = True) -> 
 
 
 def generate_diffusion(run_dir: str | Path, *, diffusion_dir: str | Path | None = None, n: int = 8,
-                       sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+                       sampler: str = "ddim", steps: int = 50, eta: float = 0.0, strength: float = 1.0,
+                       seed: int = 0,
                        device: str = "auto", out: str | Path | None = None, data_root: str | Path | None = None,
                        compiled: bool = True, console: Console | None = None) -> dict:
     from cmvae_engine.engine.trainer import resolve_device
@@ -76,10 +77,11 @@ def generate_diffusion(run_dir: str | Path, *, diffusion_dir: str | Path | None 
     out = Path(out) if out is not None else Path(run_dir) / "generated"
     g = torch.Generator(device=dev)
     g.manual_seed(seed)
-    kw = dict(sampler=sampler, steps=min(steps, model.config.timesteps), eta=eta,
+    kw = dict(sampler=sampler, steps=min(steps, model.config.timesteps), eta=eta, strength=strength,
               eps_fns=sampling_fns(model, dev, compiled))
     how = f"{sampler.upper()}" + (f" {kw['steps']} steps, eta {eta:g}" if sampler == "ddim" else
                                    f" {model.config.timesteps} steps")
+    how += f", strength {strength:g}" if strength < 1 else ""
     order = cluster_order(model.cmvae)[:MAX_CLUSTERS]
     mass = model.cmvae.prior_params()[0].detach().exp().cpu().tolist()
     files: dict[str, dict] = {}
@@ -120,7 +122,7 @@ def generate_diffusion(run_dir: str | Path, *, diffusion_dir: str | Path | None 
                                           f"the CMVAE's cross-modal samples and the same denoised ({how})"}
                 bar.advance()
     manifest = {"diffusion_run": str(folder), "n": n, "seed": seed, "sampler": sampler, "steps": kw["steps"],
-                "eta": eta, "modalities": names, "clusters": order, "files": files,
+                "eta": eta, "strength": strength, "modalities": names, "clusters": order, "files": files,
                 "seconds": time.perf_counter() - t0, "run_info": run_info(dev)}
     atomic_write_json(out / MANIFEST, manifest)
     console.print(f"wrote {', '.join(files)} to {out} (D-CMVAE of {folder}, {how})", markup=False)

@@ -17,13 +17,15 @@ import torch
 from cmvae_engine.cmvae.clustering import to_float
 from cmvae_engine.cmvae.mfcvae.config import MFCVAEConfig
 from cmvae_engine.cmvae.mfcvae.model import MFCVAE
-from cmvae_engine.cmvae.mfcvae.schedule import facet_weights
+from cmvae_engine.cmvae.mfcvae.schedule import facet_weights, schedule_end
 from cmvae_engine.engine.checkpoint import unwrap
 from cmvae_engine.engine.recipes import Recipe, StepContext
 from cmvae_engine.engine.warm_start import WarmStartContext
 
 GMM_POINTS = 10000
 """Training images encoded for the initial mixture fit (all of them in smaller sets)."""
+GMM_RESTARTS = 4
+"""Fits from different k-means starts, the best kept: one start often merges two clusters and splits another."""
 
 
 class ProgressiveRecipe(Recipe):
@@ -57,18 +59,27 @@ class ProgressiveRecipe(Recipe):
         return True
 
     def after_step(self, ctx: StepContext) -> None:
-        """With `refit`: facet j's means again from a mixture fit at the step its fade-in ends (a fixed step, so a
-        resumed run does the same)."""
+        """With `refit`: facet j's mixture (means, variances, weights) again from a fit to its posterior means at
+        refit_step(j), once its head has trained (a fixed step, so a resumed run does the same)."""
         if not self.cfg.refit or ctx.train_images is None:
             return
-        for j in range(self.cfg.n_facets - 1):
-            if ctx.step == self._fade_end(j):
-                model: MFCVAE = unwrap(ctx.model)
-                n = self._fit(model, ctx.train_images[0], [j], self.seed + 1000 * ctx.step, with_weights=True)
-                self._events.append({"event": "gmm_refit", "step": ctx.step, "facet": j, "points": n})
+        due = [j for j in range(self.cfg.n_facets) if ctx.step == self.refit_step(j) or self._periodic(ctx.step)]
+        if due:
+            n = self._fit(unwrap(ctx.model), ctx.train_images[0], due, self.seed + 1000 * ctx.step, with_weights=True)
+            self._events += [{"event": "gmm_refit", "step": ctx.step, "facet": j, "points": n} for j in due]
 
-    def _fade_end(self, j: int) -> int:
+    def _periodic(self, step: int) -> bool:
+        """Every `refit_every` steps once the schedule has ended (and its own refits are done)."""
+        end = schedule_end(self.cfg.n_facets, self.cfg.solo_steps, self.cfg.fade_steps)
+        every = self.cfg.refit_every
+        return bool(every) and step > end and (step - end) % every == 0
+
+    def refit_step(self, j: int) -> int:
+        """The step after which facet j's mixture is fitted again: the end of the solo phase for the deepest facet
+        (it trained alone from the start), the end of its fade-in for a shallower one."""
         rank = self.cfg.n_facets - 1 - j
+        if rank == 0:
+            return self.cfg.solo_steps
         return self.cfg.solo_steps + (rank - 1) * (self.cfg.fade_steps + self.cfg.solo_steps) + self.cfg.fade_steps
 
     @torch.no_grad()
@@ -89,7 +100,7 @@ class ProgressiveRecipe(Recipe):
                 means[j].append(m.float().cpu().double())
         for j in facets:
             gmm = GaussianMixture(self.cfg.n_clusters[j], covariance_type="diag", random_state=seed + j,
-                                  reg_covar=1e-6, max_iter=200).fit(torch.cat(means[j]).numpy())
+                                  reg_covar=1e-6, max_iter=200, n_init=GMM_RESTARTS).fit(torch.cat(means[j]).numpy())
             pri = model.priors
             pri.loc[j].copy_(torch.as_tensor(gmm.means_, dtype=pri.loc[j].dtype))
             if with_weights:

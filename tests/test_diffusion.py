@@ -14,7 +14,7 @@ from cmvae_engine.cmvae.config import ModelConfig
 from cmvae_engine.cmvae.diffusion.conditioning import reconstructions
 from cmvae_engine.cmvae.diffusion.config import DiffusionConfig
 from cmvae_engine.cmvae.diffusion.model import DCMVAE
-from cmvae_engine.cmvae.diffusion.sampling import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample
+from cmvae_engine.cmvae.diffusion.sampling import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample, start_step
 from cmvae_engine.cmvae.diffusion.schedule import Schedule
 from cmvae_engine.cmvae.diffusion.unet import UNet
 from cmvae_engine.cmvae.model import CMVAE
@@ -142,6 +142,54 @@ def test_ddpm_sampler_runs_all_steps_in_range():
 
     out = ddpm_sample(fn, s, torch.zeros(2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
     assert calls == list(range(19, -1, -1)) and out.shape == (2, 1, 28, 28) and out.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_a_partial_chain_starts_from_the_noised_cmvae_sample(sampler):
+    """strength < 1: the first denoiser call sees x_hat noised by q(x_t | x_hat) at the chain's first step, and
+    no call goes above start_step; strength 1 starts from the noise itself."""
+    s = Schedule(100)
+    x_hat = torch.rand(2, 1, 28, 28) * 2 - 1
+    noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    for strength, t_top in ((0.3, 29), (1.0, 99)):
+        calls = []
+
+        def fn(x, t, xh, calls=calls):
+            calls.append((int(t[0]), x.clone()))
+            return torch.zeros_like(x)
+
+        if sampler == "ddim":
+            ddim_sample(fn, s, x_hat, steps=10, x_T=noise, strength=strength)
+        else:
+            ddpm_sample(fn, s, x_hat, x_T=noise, strength=strength, generator=torch.Generator().manual_seed(2))
+        t0, x0 = calls[0]
+        assert t0 <= t_top and all(t <= t0 for t, _ in calls)
+        assert len(calls) == (10 if sampler == "ddim" else t_top + 1)
+        ab = math.prod(1.0 - (1e-4 + (0.02 - 1e-4) * i / 99) for i in range(t0 + 1))
+        expect = noise if strength == 1 else math.sqrt(ab) * x_hat + math.sqrt(1 - ab) * noise
+        torch.testing.assert_close(x0, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_an_oracle_denoiser_walks_a_partial_chain_back_to_x_hat():
+    """With the exact noise of x_0 = x_hat (what a perfect denoiser of a point mass predicts), DDIM at eta 0 returns
+    x_hat from any strength."""
+    s = Schedule(200)
+    x_hat = torch.rand(3, 1, 28, 28) * 1.8 - 0.9
+
+    def oracle(x, t, xh):
+        ab = s.alphas_bar[t].view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * xh) / (1 - ab).sqrt()
+
+    for strength in (0.05, 0.4, 1.0):
+        out = ddim_sample(oracle, s, x_hat, steps=7, strength=strength, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, x_hat, atol=1e-4, rtol=1e-4)
+
+
+def test_start_step_spans_the_fraction_of_the_chain():
+    assert start_step(1.0, 1000) == 999 and start_step(0.5, 1000) == 499 and start_step(1e-6, 1000) == 0
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="--strength"):
+            start_step(bad, 1000)
 
 
 def _cmvae(m=3, family="laplace"):

@@ -13,6 +13,9 @@ from typing import ClassVar
 from cmvae_engine.cmvae.checks import ConfigError, Rule, check_fields
 
 PAPER_BASE = 64
+DEFAULT_STRENGTH = 1.0
+"""Sampling's default strength (sampling.py): 1, the paper's chains from pure noise."""
+STRENGTH_RULE = Rule(float, low=0, low_open=True, high=1)
 
 
 @dataclass

@@ -24,10 +24,11 @@ def denoisers(model: DCMVAE, ema: bool = True) -> list[EpsFn]:
 
 @torch.no_grad()
 def refine(model: DCMVAE, x_hat: torch.Tensor, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-           generator: torch.Generator | None = None, eps_fns: Sequence[EpsFn] | None = None,
+           strength: float = 1.0, generator: torch.Generator | None = None, eps_fns: Sequence[EpsFn] | None = None,
            progress: ProgressFn | None = None) -> torch.Tensor:
     """x_hat [M, B, C, H, W] in [0, 1] -> D-CMVAE samples [M, B, C, H, W] in [0, 1] (modality m by denoiser m).
-    `eps_fns`: the denoisers to call (default the EMA ones; the engine passes compiled ones on CUDA)."""
+    `eps_fns`: the denoisers to call (default the EMA ones; the engine passes compiled ones on CUDA); `strength`:
+    how far into the forward process the chains start (sampling.py)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     fns = list(eps_fns) if eps_fns is not None else denoisers(model)
@@ -35,9 +36,10 @@ def refine(model: DCMVAE, x_hat: torch.Tensor, *, sampler: str = "ddim", steps: 
     for m, fn in enumerate(fns):
         xh = to_signed(x_hat[m])
         if sampler == "ddpm":
-            x0 = ddpm_sample(fn, model.schedule, xh, generator=generator)
+            x0 = ddpm_sample(fn, model.schedule, xh, generator=generator, strength=strength)
         else:
-            x0 = ddim_sample(fn, model.schedule, xh, steps=steps, eta=eta, generator=generator)
+            x0 = ddim_sample(fn, model.schedule, xh, steps=steps, eta=eta, generator=generator,
+                             strength=strength)
         out.append(to_unit(x0))
         report(progress, m + 1, len(fns))
     return torch.stack(out)

@@ -37,9 +37,14 @@ class MFCVAEConfig:
     """Before the first step, set each facet's cluster means (and weights) from a diagonal Gaussian mixture fitted
     to the untrained encoder's posterior means of the training set (as released)."""
     refit: bool = False
-    """Ours, not the released code's: when a facet's fade-in ends, fit its cluster means (and weights) again, by a
-    diagonal Gaussian mixture on its posterior means: its head only starts learning at its fade-in, long after the
-    initial fit of the untrained encoder."""
+    """Ours, not the released code's: fit each facet's mixture (means, variances, weights) again once its head has
+    trained, by a diagonal Gaussian mixture on its posterior means: the deepest facet at the end of its solo phase,
+    each shallower one when its fade-in ends. The initial fit sees the untrained encoder, and a shallower facet's
+    head only starts learning at its fade-in."""
+    refit_every: int = 0
+    """With `refit`: after the progressive schedule, fit every facet's mixture again every this many steps (0:
+    never). Gradient steps move a mixture prior slowly, and one that has merged two clusters and split a third
+    stays so while a fresh fit to the same posterior means finds the clusters."""
     solo_steps: int = 600
     """Progressive training: steps in which the deepest facet trains alone."""
     fade_steps: int = 600
@@ -59,7 +64,7 @@ class MFCVAEConfig:
             "n_facets": Rule(int, low=1, high=MAX_FACETS, fix="pass e.g. --facets 2"),
             "likelihood_scale": Rule(float, low=0, low_open=True), "rung_scale": Rule(float, low=0),
             "learn_pi": Rule(bool), "prior_var_init": Rule(float, low=0, low_open=True), "gmm_init": Rule(bool),
-            "refit": Rule(bool),
+            "refit": Rule(bool), "refit_every": Rule(int, low=0),
             "solo_steps": Rule(int, low=0), "fade_steps": Rule(int, low=0),
             "n_modalities": Rule((1,), fix="train MFCVAE on a single-modality data set (m0.npy alone)"),
             "image_channels": Rule(int, low=1, high=64), "image_size": Rule(int, low=4, high=4096),

@@ -11,6 +11,7 @@ from rich.text import Text
 from cmvae_engine.cmvae.checks import COUNT, SEED, THREADS, Rule, check_flags
 from cmvae_engine.cmvae.data.errors import DataError
 from cmvae_engine.cmvae.data.format import SPLITS
+from cmvae_engine.cmvae.diffusion.config import DEFAULT_STRENGTH, STRENGTH_RULE
 
 Opt = typer.Option
 
@@ -46,6 +47,9 @@ def eval_command(
                                          "most the split's).")] = 1000,
     sampler: Annotated[str, Opt(help="With --diffusion: ddim | ddpm.")] = "ddim",
     steps: Annotated[int, Opt(help="With --diffusion: DDIM steps.")] = 50,
+    strength: Annotated[float, Opt(help="With --diffusion: how far into the forward process sampling starts: 1 from "
+                                        "pure noise; less from the CMVAE sample noised to that fraction of the "
+                                        "steps.")] = DEFAULT_STRENGTH,
 ) -> None:
     """Evaluate a trained run the way the paper does; writes RUN_DIR/eval.json and prints tables."""
     from cmvae_engine.engine.eval_run import EvalConfig, run_eval  # heavy imports only when the command runs
@@ -56,13 +60,15 @@ def eval_command(
 
         try:
             check_flags(("--split", split, Rule(SPLITS), "test"), ("--n-diffusion", n_diffusion, COUNT, 1000),
-                        ("--steps", steps, COUNT, 50), ("--seed", seed, SEED, 0))
+                        ("--steps", steps, COUNT, 50), ("--seed", seed, SEED, 0),
+                        ("--strength", strength, STRENGTH_RULE, DEFAULT_STRENGTH))
             if threads:
                 import torch
 
                 torch.set_num_threads(threads)
             eval_diffusion(run_dir, diffusion_dir=diffusion_dir, split=split, n_unconditional=n_diffusion,
-                           n_conditional=n_diffusion, sampler=sampler, steps=steps, classifiers=classifiers,
+                           n_conditional=n_diffusion, sampler=sampler, steps=steps, strength=strength,
+                           classifiers=classifiers,
                            inception_weights=inception_weights, seed=seed, device=device, data_root=data_root,
                            console=console)
         except (DataError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:

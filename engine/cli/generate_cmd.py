@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cmvae_engine.cmvae.checks import COUNT, SEED, Rule, check_flags
+from cmvae_engine.cmvae.diffusion.config import DEFAULT_STRENGTH, STRENGTH_RULE
 
 Opt = typer.Option
 
@@ -28,6 +29,9 @@ def generate_command(
     sampler: Annotated[str, Opt(help="With --diffusion: ddim | ddpm (all T steps).")] = "ddim",
     steps: Annotated[int, Opt(help="With --diffusion: DDIM steps.")] = 50,
     eta: Annotated[float, Opt(help="With --diffusion: DDIM eta (0 deterministic, 1 DDPM's variance).")] = 0.0,
+    strength: Annotated[float, Opt(help="With --diffusion: how far into the forward process sampling starts: 1 from "
+                                        "pure noise; less from the CMVAE sample noised to that fraction of the "
+                                        "steps.")] = DEFAULT_STRENGTH,
 ) -> None:
     """Sample grids: unconditional per cluster (rows clusters, columns modalities) and conditional per source
     modality (inputs, then every modality generated from them)."""
@@ -40,8 +44,10 @@ def generate_command(
         if diffusion:
             from cmvae_engine.engine.generate_diffusion import generate_diffusion
 
-            check_flags(("--steps", steps, COUNT, 50), ("--eta", eta, Rule(float, low=0, high=1), 0.0))
+            check_flags(("--steps", steps, COUNT, 50), ("--eta", eta, Rule(float, low=0, high=1), 0.0),
+                        ("--strength", strength, STRENGTH_RULE, DEFAULT_STRENGTH))
             generate_diffusion(run_dir, diffusion_dir=diffusion_dir, n=n, sampler=sampler, steps=steps, eta=eta,
+                               strength=strength,
                                seed=seed, device=device, out=out, data_root=data_root, console=console)
             return
         generate_run(run_dir, n=n, cluster=cluster, out=out, seed=seed, device=device, data_root=data_root,

@@ -133,6 +133,16 @@ def test_generate_diffusion_writes_both_models_grids(cmvae_run, diffusion_run, t
     assert set(manifest["files"]) == {"diffusion_unconditional.png", "diffusion_conditional_m0.png",
                                       "diffusion_conditional_m1.png"}
     assert manifest["steps"] == 3 and all((out / f).is_file() for f in manifest["files"])
+    assert manifest["strength"] == 1.0
+
+
+def test_a_strength_outside_zero_to_one_is_refused_by_name(cmvae_run, diffusion_run, tmp_path):
+    for command in (["generate", str(cmvae_run), "--diffusion", "--out", str(tmp_path / "g")],
+                    ["eval", str(cmvae_run), "--diffusion"]):
+        for bad in ("0", "1.5"):
+            result = CliRunner().invoke(app, [*command, "--strength", bad, "--device", "cpu"])
+            assert result.exit_code == 2 and "--strength" in result.output, result.output
+    assert not (tmp_path / "g").exists()
 
 
 def _classifiers(folder: Path, m: int) -> Path:
@@ -157,6 +167,7 @@ def test_eval_diffusion_scores_both_models(cmvae_run, diffusion_run, tmp_path):
     assert res["n_conditional"] == 24 and res["split"] == "test" and "fid" not in res["unconditional"]["cmvae"]
     # the denoised samples differ from the CMVAE's: so do their scores
     assert res["unconditional"]["cmvae"]["classifier_fd"] != res["unconditional"]["dcmvae"]["classifier_fd"]
+    assert res["strength"] == 1.0
 
 
 def test_bench_diffusion_writes_its_json(tmp_path):

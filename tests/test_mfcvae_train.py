@@ -117,6 +117,8 @@ def test_bad_mfcvae_settings_are_refused_by_name():
         MFCVAEConfig(n_clusters=[4, 4, 4])
     with pytest.raises(ConfigError, match="--facets"):
         MFCVAEConfig(n_facets=0)
+    with pytest.raises(ConfigError, match="refit_every"):
+        MFCVAEConfig(refit_every=-1)
     with pytest.raises(ConfigError, match="--clusters must be an integer"):
         parse_clusters("4,x")
     assert parse_clusters("40") == 40 and parse_clusters("25,25") == [25, 25]

@@ -17,7 +17,7 @@ import torch
 from cmvae_engine.cmvae.clustering import to_float
 from cmvae_engine.cmvae.mfcvae.config import MFCVAEConfig
 from cmvae_engine.cmvae.mfcvae.model import MFCVAE
-from cmvae_engine.cmvae.mfcvae.schedule import facet_weights, schedule_end
+from cmvae_engine.cmvae.mfcvae.schedule import facet_weights, fade_start, schedule_end
 from cmvae_engine.engine.checkpoint import unwrap
 from cmvae_engine.engine.recipes import Recipe, StepContext
 from cmvae_engine.engine.warm_start import WarmStartContext
@@ -63,7 +63,8 @@ class ProgressiveRecipe(Recipe):
         refit_step(j), once its head has trained (a fixed step, so a resumed run does the same)."""
         if not self.cfg.refit or ctx.train_images is None:
             return
-        due = [j for j in range(self.cfg.n_facets) if ctx.step == self.refit_step(j) or self._periodic(ctx.step)]
+        periodic = self._periodic(ctx.step)
+        due = [j for j in range(self.cfg.n_facets) if periodic or ctx.step == self.refit_step(j)]
         if due:
             n = self._fit(unwrap(ctx.model), ctx.train_images[0], due, self.seed + 1000 * ctx.step, with_weights=True)
             self._events += [{"event": "gmm_refit", "step": ctx.step, "facet": j, "points": n} for j in due]
@@ -80,7 +81,7 @@ class ProgressiveRecipe(Recipe):
         rank = self.cfg.n_facets - 1 - j
         if rank == 0:
             return self.cfg.solo_steps
-        return self.cfg.solo_steps + (rank - 1) * (self.cfg.fade_steps + self.cfg.solo_steps) + self.cfg.fade_steps
+        return fade_start(rank, self.cfg.solo_steps, self.cfg.fade_steps) + self.cfg.fade_steps
 
     @torch.no_grad()
     def _fit(self, model: MFCVAE, images: torch.Tensor, facets: list[int], seed: int,

@@ -53,3 +53,10 @@ def test_missing_prune_names_the_file(tmp_path):
     (run / "prune.json").unlink()
     with pytest.raises(SystemExit, match="prune.json: not found"):
         captions_goal.goal_record(run, train_wall_s=600)
+
+
+def test_run_without_a_finished_epoch_is_refused(tmp_path):
+    run = write_run(tmp_path / "r")
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "st')  # cut by a kill mid-write
+    with pytest.raises(SystemExit, match="metrics.jsonl: no epoch rows"):
+        captions_goal.goal_record(run, train_wall_s=600)

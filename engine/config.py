@@ -196,8 +196,9 @@ class FastRecipeConfig:
     """InfoNCE temperature (cosine similarities are divided by it)."""
     contrast_spread: float = 2.0
     """RMS spread per dimension given to each modality's centred posterior means after the warm start."""
-    contrast_weight: float = 500.0
-    """InfoNCE weight at the first CMVAE step, per tuple (the objective is ~1e4 nats per tuple); falls to 0 ..."""
+    contrast_weight: float = 1000.0
+    """InfoNCE weight at the first CMVAE step, per tuple (the objective is ~1e4 nats per tuple;
+    chosen on the valid split, docs/recipes.md); falls to 0 ..."""
     contrast_anneal_steps: int = 600
     """... linearly over this many CMVAE steps (0: no InfoNCE once the CMVAE objective starts)."""
 

@@ -272,6 +272,7 @@ def run_one(s: ConvergenceSettings, splits: Splits, recipe_name: str, seed: int,
     recipe = build_recipe(recipe_name, s.fast, beta=s.beta)
     opts = resolve_options(s.step, device)
     task = task_for(cfg.model.kind)
+    task.prepare(model, opts)
     prepare_model(model, task.networks(model), opts, device)
     opt = build_optimizer(recipe.param_groups(model, s.lr), s.lr, True, opts)
     step_fn = TrainStep(CMVAEObjective(model, "iwae", 1, aux=recipe.aux_loss()), opt, opts, device)

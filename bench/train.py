@@ -2,7 +2,8 @@
 one run.
 
 - optimised: torch.compile of model + loss (CUDA graphs on CUDA), bf16 autocast and channels_last on CUDA, fused
-  Adam on CUDA, batched decoders (M calls per step), the fused-op backend `auto`, the `resident` loader.
+  Adam on CUDA, the default per-device decoder and encoder batching (docs/step_cpu.md), the fused-op
+  backend `auto`, the `resident` loader.
 - baseline: eager fp32 NCHW, plain Adam, one decoder call per (source, target) pair (M*M calls, as the
   reference), the plain-torch ops (kernels.set_backend("torch")), the `files` loader without worker processes
   (the reference never enables its workers), no cudnn.benchmark.
@@ -46,7 +47,7 @@ def variant_config(base: TrainConfig, variant: str) -> TrainConfig:
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if variant == "optimised":
         cfg.step = StepConfig(amp=None, compile=True, cuda_graphs=cuda, channels_last=None, fused_adam=None,
-                              decode_per_pair=False)
+                              decode_per_pair=None, batch_encoders=None)
         cfg.kernels = "auto"
         cfg.data.loader = "resident"
     elif variant == "baseline":

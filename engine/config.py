@@ -101,15 +101,18 @@ class StepConfig:
     """Let cuDNN pick the fastest convolution algorithms for the (static) shapes; CUDA only."""
     fused_adam: bool | None = None
     """Fused Adam kernel (same update as the reference's amsgrad Adam); None: on for CUDA."""
-    decode_per_pair: bool = False
-    """One decoder call per (source, target) pair as the reference (M*M calls) instead of M batched calls."""
-    batch_encoders: bool = True
+    decode_per_pair: bool | None = None
+    """One decoder call per (source, target) pair as the reference (M*M calls) instead of M batched calls; same
+    values. None: per pair on CPU (a batch of M*S*B rows runs slower per row there than M*M calls of S*B rows:
+    docs/step_cpu.md), batched on CUDA (fewer launches)."""
+    batch_encoders: bool | None = None
     """All 2M encoder towers as one grouped computation (cmvae/grouped_encoders.py) instead of 2M calls; same
-    values to rounding, same checkpoints. On by default: faster on the CPU measured (docs/step_cpu.md)."""
+    values to rounding, same checkpoints. None: on for CUDA (fewer launches), off on CPU (oneDNN's grouped
+    convolutions ran slower than the separate towers on the idle CPU measured: docs/step_cpu.md)."""
 
     FLAGS: ClassVar[dict[str, str]] = {"amp": "--amp/--no-amp", "amp_dtype": "--amp-dtype", "compile": "--compile",
                                        "cuda_graphs": "--cuda-graphs", "channels_last": "--channels-last",
-                                       "decode_per_pair": "--per-pair-decoders",
+                                       "decode_per_pair": "--per-pair-decoders/--batched-decoders",
                                        "batch_encoders": "--batch-encoders/--no-batch-encoders"}
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ class StepConfig:
         check_fields(self, {
             "amp": optional_bool, "amp_dtype": Rule(AMP_DTYPES), "compile": Rule(bool), "cuda_graphs": Rule(bool),
             "channels_last": optional_bool, "cudnn_benchmark": Rule(bool), "fused_adam": optional_bool,
-            "decode_per_pair": Rule(bool), "batch_encoders": Rule(bool),
+            "decode_per_pair": optional_bool, "batch_encoders": optional_bool,
         }, section="step", flags=self.FLAGS)
         if self.cuda_graphs and not self.compile:
             raise ConfigError("--cuda-graphs (step.cuda_graphs) needs --compile: the graphs are captured through "

@@ -65,8 +65,10 @@ def resolve_options(cfg: StepConfig, device: torch.device) -> StepOptions:
         channels_last=True if cfg.channels_last is None else cfg.channels_last,
         cudnn_benchmark=cfg.cudnn_benchmark and cuda,
         fused_adam=cuda if cfg.fused_adam is None else cfg.fused_adam,
-        per_pair=cfg.decode_per_pair,
-        batch_encoders=cfg.batch_encoders,
+        # Per device: on CPU the reference's M*M decoder calls and 2M tower calls beat one big batch or grouped
+        # convolutions (cache-sized activations; docs/step_cpu.md); on CUDA fewer, larger launches win.
+        per_pair=not cuda if cfg.decode_per_pair is None else cfg.decode_per_pair,
+        batch_encoders=cuda if cfg.batch_encoders is None else cfg.batch_encoders,
     )
 
 

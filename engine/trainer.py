@@ -180,7 +180,7 @@ def build_engine(cfg: TrainConfig, info: DistInfo = DistInfo(), device: torch.de
     if info.enabled:
         torch.manual_seed(cfg.seed + 7919 * info.rank)  # independent sampling noise per rank
     opts = resolve_options(cfg.step, device)
-    task.prepare(model, cfg)
+    task.prepare(model, opts)
     # no profiler ranges inside a compiled graph
     prepare_model(model, task.networks(model), opts, device, annotate=annotate and not opts.compile)
     recipe = task.build_recipe(cfg)

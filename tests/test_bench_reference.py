@@ -63,7 +63,7 @@ def test_reference_comparison_runs_interleaved_in_two_processes(stand_in, tmp_pa
         assert row["peak_rss_mb"] > 50 and row["gflops"] > 0 and row["threads"] == 1
     assert isinstance(r["reference"]["torchvision_stubbed"], bool)
     assert r["reference"]["n_parameters"] == 3 * 28 * 28 * 32 + 32 + 2
-    assert "grouped encoders" in r["ours"]["options"]
+    assert "per-tower encoders" in r["ours"]["options"] and "per-pair decoders" in r["ours"]["options"]  # CPU defaults
     assert r["matmul_peak_gflops"] > 0 and r["flops_per_step"] > 0
     assert r["speedup_vs_reference"] == pytest.approx(r["reference"]["step_ms_median"] / r["ours"]["step_ms_median"])
     assert len(r["load_average_before"]) == 3 and r["config"]["n_modalities"] == 5

@@ -7,7 +7,8 @@ import torch
 from cmvae_engine.cmvae.config import ModelConfig
 from cmvae_engine.cmvae.model import CMVAE
 from cmvae_engine.cmvae.objectives import loss_fn
-from cmvae_engine.engine.config import StepConfig, TrainConfig
+from cmvae_engine.engine.config import StepConfig
+from cmvae_engine.engine.step import resolve_options
 from cmvae_engine.engine.tasks.cmvae_task import CMVAETask
 
 
@@ -83,11 +84,18 @@ def test_loss_and_gradients_unchanged_by_the_option():
 
 
 def test_step_option_reaches_the_model():
-    assert StepConfig().batch_encoders is True
+    # Unset, each device gets its measured choice: grouped encoders and batched decoders on CUDA, the reference's
+    # separate calls on CPU; an explicit setting wins on either.
+    assert StepConfig().batch_encoders is None and StepConfig().decode_per_pair is None
     model = _model()
+    for device, grouped in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
+        opts = resolve_options(StepConfig(), device)
+        CMVAETask().prepare(model, opts)
+        assert model.batch_encoders is grouped and model.decode_per_pair is (not grouped)
     for value in (False, True):
-        cfg = TrainConfig(step=StepConfig(batch_encoders=value))
-        CMVAETask().prepare(model, cfg)
-        assert model.batch_encoders is value
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            opts = resolve_options(StepConfig(batch_encoders=value, decode_per_pair=value), device)
+            CMVAETask().prepare(model, opts)
+            assert model.batch_encoders is value and model.decode_per_pair is value
     names = [name for name, _ in CMVAETask().networks(model)]
     assert "encoders (grouped)" in names

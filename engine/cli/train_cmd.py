@@ -96,10 +96,13 @@ def train_flags(
     cuda_graphs: Annotated[bool, Opt(help="Replay the compiled step as CUDA graphs (needs --compile).")] = False,
     channels_last: Annotated[bool | None, Opt("--channels-last/--no-channels-last", help="channels_last "
                                               "convolutions (default: on).", show_default=False)] = None,
-    per_pair_decoders: Annotated[bool, Opt(help="One decoder call per (source, target) pair, as the reference.")]
-    = False,
-    batch_encoders: Annotated[bool, Opt("--batch-encoders/--no-batch-encoders", help="All 2M encoder towers as "
-                                        "one grouped computation (same values to rounding).")] = True,
+    per_pair_decoders: Annotated[bool | None, Opt("--per-pair-decoders/--batched-decoders", help="One decoder "
+                                                  "call per (source, target) pair, as the reference, or one per "
+                                                  "target (default: per pair on CPU, batched on CUDA).",
+                                                  show_default=False)] = None,
+    batch_encoders: Annotated[bool | None, Opt("--batch-encoders/--no-batch-encoders", help="All 2M encoder "
+                                               "towers as one grouped computation, same values to rounding "
+                                               "(default: on for CUDA, off on CPU).", show_default=False)] = None,
     checkpoint_every: Annotated[int, Opt(help="Steps between checkpoints (0: epoch ends and stops only).")] = 0,
     keep: Annotated[int, Opt(help="ckpt-{step}.pt files kept (checkpoint.pt is always the latest).")] = 3,
     resume: Annotated[bool, Opt(help="Continue --out from its newest valid checkpoint with the run's settings; flags "

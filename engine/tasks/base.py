@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # annotations only: the loop's modules import this one
     from cmvae_engine.cmvae.progress import ProgressFn
     from cmvae_engine.engine.config import TrainConfig
     from cmvae_engine.engine.recipes import Recipe
+    from cmvae_engine.engine.step import StepOptions
     from cmvae_engine.engine.trainer import SplitData
 
 
@@ -57,8 +58,9 @@ class Task:
         probabilistic core, which stays fp32)."""
         return ()
 
-    def prepare(self, model: nn.Module, cfg: TrainConfig) -> None:
-        """Model switches that follow the step options (e.g. per-pair decoders), applied before compiling."""
+    def prepare(self, model: nn.Module, opts: StepOptions) -> None:
+        """Model switches that follow the resolved step options (e.g. per-pair decoders), applied before
+        compiling."""
 
     def compile_fullgraph(self, cfg: TrainConfig) -> bool:
         """Whether the objective traces to one graph under torch.compile (False: graph breaks are allowed)."""

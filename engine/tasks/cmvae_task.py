@@ -22,6 +22,7 @@ from cmvae_engine.engine.checkpoint import atomic_write_json
 from cmvae_engine.engine.config import TrainConfig
 from cmvae_engine.engine.images import cluster_labels, save_grid
 from cmvae_engine.engine.recipes import PaperRecipe, build_recipe
+from cmvae_engine.engine.step import StepOptions
 from cmvae_engine.engine.tasks.base import Task
 from cmvae_engine.engine.tasks.modality_fit import fit_modalities
 
@@ -123,9 +124,9 @@ class CMVAETask(Task):
                 yield f"{kind}[{i}]", net
         yield "encoders (grouped)", model.grouped_encoders  # the same parameters as encoder[i], one call
 
-    def prepare(self, model: CMVAE, cfg: TrainConfig) -> None:
-        model.decode_per_pair = cfg.step.decode_per_pair
-        model.batch_encoders = cfg.step.batch_encoders
+    def prepare(self, model: CMVAE, opts: StepOptions) -> None:
+        model.decode_per_pair = opts.per_pair
+        model.batch_encoders = opts.batch_encoders
 
     def compile_fullgraph(self, cfg: TrainConfig) -> bool:
         # DReG's weighting of the path gradient is an autograd Function (cmvae/path_weights.py), so the homogeneous

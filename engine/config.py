@@ -88,7 +88,8 @@ class StepConfig:
     """How the training step runs; none of these changes the objective (the loss curve matches to tolerance)."""
 
     amp: bool | None = None
-    """Autocast the encoder and decoder networks (the probabilistic core stays fp32); None: on for CUDA, off on CPU."""
+    """Autocast the encoder and decoder networks (the probabilistic core stays fp32); None: on for CUDA and for
+    CPUs with AMX bf16, off on other CPUs (engine/step.py, auto_amp)."""
     amp_dtype: str = "bf16"
     """`bf16` (no loss scaling needed) or `fp16` (with a GradScaler)."""
     compile: bool = False

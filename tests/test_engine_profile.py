@@ -70,4 +70,7 @@ def test_bench_train_writes_both_variants(data, tmp_path, inductor_cache):
     assert "per-pair decoders" in base["options"] and base["loader"].startswith("files")
     assert base["kernels"] == "torch" and "compiled" in opt["options"] and opt["loader"] == "resident"
     assert opt["speedup_vs_baseline"] == pytest.approx(opt["samples_per_s"] / base["samples_per_s"])
-    assert opt["loss_rel_diff_vs_baseline"] < 1e-5  # same data, same random numbers, fp32
+    # Same data, same random numbers: fp32 rounding apart; the optimised variant takes the default --amp, bf16
+    # autocast on AMX CPUs (measured there: 1.8e-5), the bf16 curve tolerance of tests/test_engine_step.py.
+    tol = 1e-5 if opt["compute_dtype"] == "float32" else 1e-3
+    assert opt["loss_rel_diff_vs_baseline"] < tol

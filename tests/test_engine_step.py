@@ -36,6 +36,7 @@ def inductor_cache(tmp_path_factory):
 
 
 def config(data, out, **step) -> TrainConfig:
+    step.setdefault("amp", False)  # fp32 unless a test says otherwise (the default is bf16 on AMX CPUs)
     return TrainConfig(model=ModelConfig(n_clusters=4, z_dim=8, w_dim=4, width=0.0625),
                        data=DataConfig(dataset=str(data)), optim=OptimConfig(epochs=3, batch_size=32),
                        step=StepConfig(**step), out=str(out), log_every=1, eval_every=0, seed=3)
@@ -94,7 +95,7 @@ def _short_run(**step) -> tuple[list[float], TrainStep]:
 
 
 def test_fp16_with_grad_scaler_takes_every_step():
-    ref, _ = _short_run()
+    ref, _ = _short_run(amp=False)
     fp16, st = _short_run(amp=True, amp_dtype="fp16")
     assert st.scaler is not None and st.scaler.get_scale() == 1.0  # no overflow, so no skipped step
     assert fp16 == pytest.approx(ref, rel=1e-3)  # measured: 1.8e-5
@@ -118,7 +119,7 @@ def test_per_pair_decoders_equal_batched(rng):
 def test_step_reads_nothing_from_the_device():
     torch.manual_seed(0)
     model = CMVAE(ModelConfig(n_modalities=2, n_clusters=3, z_dim=4, w_dim=4, width=0.0625))
-    opts = resolve_options(StepConfig(), CPU)
+    opts = resolve_options(StepConfig(amp=False), CPU)
     prepare_model(model, CMVAETask().networks(model), opts, CPU, annotate=True)
     opt = build_optimizer([{"params": list(model.parameters())}], 1e-3, True, opts)
     step = TrainStep(CMVAEObjective(model, "iwae", 1), opt, opts, CPU, annotate=True)
@@ -144,4 +145,17 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="CUDA"):
         resolve_options(StepConfig(compile=True, cuda_graphs=True), CPU)
     opts = resolve_options(StepConfig(), CPU)
-    assert opts.amp_dtype is None and opts.channels_last and not opts.fused_adam  # CPU defaults (NHWC: faster)
+    assert opts.channels_last and not opts.fused_adam  # CPU defaults (NHWC: faster)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_amp_default_follows_the_cpu_matrix_units(monkeypatch, amx):
+    # bf16 autocast by default only on CPUs with AMX (faster there, emulated and slower elsewhere); CUDA always;
+    # fp16 never by default on CPU; an explicit --amp/--no-amp wins everywhere.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_options(StepConfig(), CPU).amp_dtype == (torch.bfloat16 if amx else None)
+    assert resolve_options(StepConfig(amp_dtype="fp16"), CPU).amp_dtype is None
+    assert resolve_options(StepConfig(), torch.device("cuda")).amp_dtype == torch.bfloat16
+    assert resolve_options(StepConfig(amp=False), torch.device("cuda")).amp_dtype is None
+    assert resolve_options(StepConfig(amp=True), CPU).amp_dtype == torch.bfloat16
+    assert resolve_options(StepConfig(amp=False), CPU).amp_dtype is None

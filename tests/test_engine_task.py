@@ -167,7 +167,7 @@ def test_unknown_kinds_are_refused_by_name():
 def _toy_step(grad_clip=None):
     torch.manual_seed(0)
     model = ToyModel(ToyConfig())
-    opts = resolve_options(StepConfig(), CPU)
+    opts = resolve_options(StepConfig(amp=False), CPU)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
     return model, TrainStep(ToyObjective(model), opt, opts, CPU, grad_clip=grad_clip)
 

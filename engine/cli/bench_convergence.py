@@ -42,7 +42,8 @@ def bench_convergence_command(
     fast_enable: Annotated[str, Opt(help="`fast` elements to switch on (those off by default).")] = "",
     fast_set: Annotated[str, Opt(help="`fast` settings, key=value,... (docs/recipes.md).")] = "",
     compile: Annotated[bool, Opt(help="torch.compile the training step.")] = False,
-    amp: Annotated[bool | None, Opt(help="Autocast the networks (default: on for CUDA, off on CPU).")] = None,
+    amp: Annotated[bool | None, Opt(help="Autocast the networks (default: on for CUDA and AMX CPUs, off on "
+                                         "other CPUs).")] = None,
     diagnostics: Annotated[bool, Opt(help="Also score k-means on each scored split's posterior means (uses the "
                                           "class count).")] = False,
     score_splits: Annotated[str, Opt(help="Splits scored at every evaluation, each in its own columns (valid_nmi, "

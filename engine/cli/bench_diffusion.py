@@ -23,7 +23,7 @@ def bench_diffusion_command(
     ddim_steps: Annotated[int, Opt(help="DDIM steps.")] = 50,
     ddpm_probe: Annotated[int, Opt(help="Timed DDPM steps (the T-step rate is projected).")] = 20,
     warmup: Annotated[int, Opt(help="Untimed train steps first.")] = 2,
-    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="bf16 autocast (default: on for CUDA).",
+    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="bf16 autocast (default: on for CUDA and AMX CPUs).",
                                     show_default=False)] = None,
     compile: Annotated[bool, Opt("--compile/--no-compile", help="torch.compile the train step.")] = False,
     device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",

@@ -30,7 +30,8 @@ def train_diffusion_command(
     batch_size: Annotated[int, Opt(help="Tuples per step (every modality's denoiser sees each).")] = 64,
     lr: Annotated[float, Opt(help="Adam learning rate after the warm-up.")] = 2e-4,
     grad_clip: Annotated[float, Opt(help="Global gradient-norm clip.")] = 1.0,
-    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="Autocast the denoisers (default: on for CUDA).",
+    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="Autocast the denoisers (default: on for CUDA and "
+                                                             "AMX CPUs).",
                                     show_default=False)] = None,
     amp_dtype: Annotated[str, Opt(help="bf16 | fp16.")] = "bf16",
     compile: Annotated[bool, Opt("--compile/--no-compile", help="torch.compile the step.")] = False,

@@ -88,8 +88,9 @@ def train_flags(
     = None,
     shuffle_buffer: Annotated[int, Opt(help="Tuples per streaming worker's shuffle buffer (0: shard order).")]
     = 4096,
-    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="Autocast the networks (default: on for CUDA, off on "
-                                                             "CPU).", show_default=False)] = None,
+    amp: Annotated[bool | None, Opt("--amp/--no-amp", help="Autocast the networks (default: on for CUDA and "
+                                                             "AMX CPUs, off on other CPUs).",
+                    show_default=False)] = None,
     amp_dtype: Annotated[str, Opt(help="bf16 | fp16 (fp16 adds a GradScaler).")] = "bf16",
     compile: Annotated[bool, Opt("--compile/--no-compile", help="torch.compile the model and loss (drops the "
                                                                 "last partial batch: static shapes).")] = False,

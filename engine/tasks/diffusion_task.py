@@ -26,7 +26,7 @@ from cmvae_engine.engine.checkpoint import load_checkpoint
 from cmvae_engine.engine.config import TrainConfig
 from cmvae_engine.engine.images import save_grid
 from cmvae_engine.engine.recipes import Recipe, StepContext
-from cmvae_engine.engine.step import AMP_DTYPE
+from cmvae_engine.engine.step import AMP_DTYPE, auto_amp
 from cmvae_engine.engine.tasks.base import Task
 
 EVAL_TUPLES = 256
@@ -41,10 +41,9 @@ class DiffusionObjective(nn.Module):
         self.model, self.amp, self.amp_dtype = model, amp, AMP_DTYPE[amp_dtype]
 
     def forward(self, xb: torch.Tensor, scalars: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        device = xb.device.type
-        amp = device == "cuda" if self.amp is None else self.amp
+        amp = auto_amp(xb.device, self.amp_dtype) if self.amp is None else self.amp
         # autocast reaches the denoisers only: x_hat is made under no_grad in fp32, the loss is taken in fp32
-        with torch.autocast(device, dtype=self.amp_dtype, enabled=amp):
+        with torch.autocast(xb.device.type, dtype=self.amp_dtype, enabled=amp):
             per = self.model.losses(to_float(xb))  # [M, B]
         per_datapoint = per.float().mean(0)
         return per_datapoint.mean(), per_datapoint.sum().detach()

@@ -56,7 +56,7 @@ def bench_diffusion(*, base: int = 64, n_res: int = 2, modalities: int = 5, widt
     opts = resolve_options(StepConfig(amp=amp, compile=compile, channels_last=True), dev)
     prepare_model(model, (), opts, dev)
     optimizer = build_optimizer([{"params": list(model.denoisers.parameters()), "lr": 2e-4}], 2e-4, False, opts)
-    step = TrainStep(DiffusionObjective(model, amp, "bf16"), optimizer, opts, dev, fullgraph=False, grad_clip=1.0)
+    step = TrainStep(DiffusionObjective(model, opts.amp_dtype), optimizer, opts, dev, fullgraph=False, grad_clip=1.0)
     xb = torch.randint(0, 256, (modalities, batch_size, 3, 28, 28), dtype=torch.uint8, device=dev)
     counter = iter(range(1, 1 << 30))
 

@@ -137,9 +137,8 @@ def _ours(cfg_json: str):
         eng.step(next(it), i + 1, eng.recipe.scalars(i))
         state["i"] = i + 1
 
-    dtype = str(eng.opts.compute_dtype).removeprefix("torch.")
     return step, eng.device, {"options": eng.opts.describe(), "kernels": cfg.kernels,
-                              "network_dtype": dtype if eng.opts.amp_dtype is None else f"{dtype} autocast"}
+                              "compute_dtype": eng.opts.compute_dtype_name}
 
 
 def _theirs(cfg_json: str, ref_path: str):
@@ -174,7 +173,7 @@ def _theirs(cfg_json: str, ref_path: str):
 
     n_params = sum(p.numel() for p in model.parameters())
     return step, device, {"options": "the authors' code: eager fp32, per-modality VAEs, torch.distributions",
-                          "torchvision_stubbed": stubbed, "n_parameters": n_params, "network_dtype": "float32"}
+                          "torchvision_stubbed": stubbed, "n_parameters": n_params, "compute_dtype": "float32"}
 
 
 def worker_main(argv: list[str]) -> int:
@@ -331,7 +330,7 @@ def compare_reference(cfg, ref_path: str | Path, *, steps: int, warmup: int, out
         "config": {"width": cfg.model.width, "batch_size": cfg.optim.batch_size, "n_modalities": 5,
                    "n_clusters": cfg.model.n_clusters, "z_dim": cfg.model.z_dim, "w_dim": cfg.model.w_dim,
                    "objective": cfg.objective, "n_samples": cfg.n_samples,
-                   "network_dtype": {s: rows[s]["network_dtype"] for s in SIDES},
+                   "compute_dtype": {s: rows[s]["compute_dtype"] for s in SIDES},
                    "data": "uniformly random images"},
         "steps": steps, "warmup": warmup, "interleaved": True,
         "flops_per_step": flops, "flops_method": "analytic conv + linear MACs x 2 x 3 (engine/profiling.step_flops)",

@@ -97,7 +97,7 @@ def run_variant(cfg: TrainConfig, variant: str, *, steps: int, warmup: int) -> d
                        "n_modalities": cfg.model.n_modalities, "n_clusters": cfg.model.n_clusters,
                        "z_dim": cfg.model.z_dim, "w_dim": cfg.model.w_dim, "objective": cfg.objective,
                        "n_samples": cfg.n_samples},
-            "options": eng.opts.describe(), "compute_dtype": str(dtype).removeprefix("torch."),
+            "options": eng.opts.describe(), "compute_dtype": eng.opts.compute_dtype_name,
             "kernels": cfg.kernels, "loader": cfg.data.loader + (f" ({cfg.data.workers} workers)"
                                                                if cfg.data.loader == "files" else ""),
             "steps": steps, "warmup": warmup, "seconds": wall,

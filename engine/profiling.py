@@ -267,7 +267,7 @@ def profile_training(cfg: TrainConfig, *, steps: int, warmup: int, out: Path,
 
 def _report(cfg: TrainConfig, eng: Engine, r: dict, phases: list[Phase], rows, sync_what: str, cuda: bool) -> str:
     c = cfg.model
-    dtype = str(eng.opts.compute_dtype).removeprefix("torch.")
+    dtype = eng.opts.compute_dtype_name
     lines = [
         "# Training-step profile", "",
         f"- device: {r['device']}; torch {torch.__version__}",

@@ -43,6 +43,11 @@ class StepOptions:
     def compute_dtype(self) -> torch.dtype:
         return self.amp_dtype or torch.float32
 
+    @property
+    def compute_dtype_name(self) -> str:
+        """`float32`, `bfloat16` or `float16`: as the benchmark JSONs and reports write it."""
+        return str(self.compute_dtype).removeprefix("torch.")
+
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
         parts = [amp[self.amp_dtype], "compiled" + (" + CUDA graphs" if self.cuda_graphs else "") if self.compile

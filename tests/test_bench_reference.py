@@ -69,8 +69,8 @@ def test_reference_comparison_runs_interleaved_in_two_processes(stand_in, tmp_pa
     assert r["matmul_peak_gflops"] > 0 and r["flops_per_step"] > 0
     assert r["speedup_vs_reference"] == pytest.approx(r["reference"]["step_ms_median"] / r["ours"]["step_ms_median"])
     assert len(r["load_average_before"]) == 3 and r["config"]["n_modalities"] == 5
-    ours_dtype = "bfloat16 autocast" if auto_amp(torch.device("cpu"), torch.bfloat16) else "float32"  # --amp default
-    assert r["config"]["network_dtype"] == {"ours": ours_dtype, "reference": "float32"}
+    ours_dtype = "bfloat16" if auto_amp(torch.device("cpu"), torch.bfloat16) else "float32"  # the --amp default
+    assert r["config"]["compute_dtype"] == {"ours": ours_dtype, "reference": "float32"}
 
 
 def test_reference_comparison_refuses_what_is_not_comparable(stand_in, tmp_path):

@@ -26,7 +26,7 @@ from cmvae_engine.engine.checkpoint import load_checkpoint
 from cmvae_engine.engine.config import TrainConfig
 from cmvae_engine.engine.images import save_grid
 from cmvae_engine.engine.recipes import Recipe, StepContext
-from cmvae_engine.engine.step import AMP_DTYPE, auto_amp
+from cmvae_engine.engine.step import resolve_options
 from cmvae_engine.engine.tasks.base import Task
 
 EVAL_TUPLES = 256
@@ -36,14 +36,14 @@ EVAL_TUPLES = 256
 class DiffusionObjective(nn.Module):
     """forward(uint8 [M, B, C, H, W], scalars) -> (mean epsilon loss, batch sum of the per-datapoint loss)."""
 
-    def __init__(self, model: DCMVAE, amp: bool | None, amp_dtype: str):
+    def __init__(self, model: DCMVAE, amp_dtype: torch.dtype | None):
+        """amp_dtype: the resolved step options' (StepOptions.amp_dtype; None: no autocast)."""
         super().__init__()
-        self.model, self.amp, self.amp_dtype = model, amp, AMP_DTYPE[amp_dtype]
+        self.model, self.amp_dtype = model, amp_dtype
 
     def forward(self, xb: torch.Tensor, scalars: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        amp = auto_amp(xb.device, self.amp_dtype) if self.amp is None else self.amp
         # autocast reaches the denoisers only: x_hat is made under no_grad in fp32, the loss is taken in fp32
-        with torch.autocast(xb.device.type, dtype=self.amp_dtype, enabled=amp):
+        with torch.autocast(xb.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             per = self.model.losses(to_float(xb))  # [M, B]
         per_datapoint = per.float().mean(0)
         return per_datapoint.mean(), per_datapoint.sum().detach()
@@ -107,7 +107,8 @@ class DiffusionTask(Task):
     def build_objective(self, model: DCMVAE, cfg: TrainConfig, recipe: Recipe, loss_scale: float
                         ) -> DiffusionObjective:
         del recipe, loss_scale  # a mean loss: see the module docstring
-        return DiffusionObjective(model, cfg.step.amp, cfg.step.amp_dtype)
+        opts = resolve_options(cfg.step, next(model.parameters()).device)  # as the trainer resolved them
+        return DiffusionObjective(model, opts.amp_dtype)
 
     def compile_fullgraph(self, cfg: TrainConfig) -> bool:
         return False
